@@ -1,0 +1,369 @@
+-- _prelude.lua: helpers shared by every session script; the loader (scripts.py) puts this
+-- text in front of each script, so each script stays one atomic call.
+--
+-- Every session script receives the same KEYS, in this order (keys.py, SessionKeys):
+--   KEYS[1] meta            hash  session scalars, schedule JSON, counters of the current run
+--   KEYS[2] jobs            hash  job_id -> job JSON {c, j, r, s, x, ts, te}
+--   KEYS[3] runs            hash  tag -> run JSON (history, bounded by ARGV[6])
+--   KEYS[4] run_jobs        hash  "<tag>:<job_id>" -> job state in that run {s, x, ts, te}
+--   KEYS[5] run_jobs_index  zset  "<tag>:<job_id>" scored by tag
+--   KEYS[6] requests        hash  request_id -> "<fingerprint>|<reply JSON>"
+--   KEYS[7] requests_expiry zset  request_id scored by forget time (seconds)
+--   KEYS[8] reply           list  reply list of this request (the caller BLPOPs it)
+-- and the same leading ARGV:
+--   ARGV[1]  request_id ("" for reads: no de-duplication, no reply push)
+--   ARGV[2]  fingerprint of the command (hex)
+--   ARGV[3]  request record TTL, seconds
+--   ARGV[4]  reply list TTL, seconds (0 = do not push: the caller reads the return value)
+--   ARGV[5]  events channel
+--   ARGV[6]  runs kept in history
+--   ARGV[7]  clock override, seconds ("" = server TIME; tests only)
+--   ARGV[8]  project_id
+--   ARGV[9]  session_id
+--   ARGV[10..] command arguments, named in each script's header.
+--
+-- Job JSON: c client_id, j first run tag the job is a member of, r tag of the run its state
+-- belongs to, s status, x result, ts/te time_started/time_ended. A job whose r is not the
+-- current tag is lazily `scheduled` in the current run: starting a run never scans the jobs.
+-- Counters in meta (members, done, failed) make "did the run complete?" O(1).
+--
+-- Every script returns the reply JSON (for reads: the document JSON). Integers only: every
+-- number here is below 2^53 and is written with %d.
+
+local REQUEST_ID = ARGV[1]
+local FINGERPRINT = ARGV[2]
+local REQUEST_TTL = tonumber(ARGV[3])
+local REPLY_TTL = tonumber(ARGV[4])
+local CHANNEL = ARGV[5]
+local HISTORY = tonumber(ARGV[6])
+local PROJECT = ARGV[8]
+local SESSION = ARGV[9]
+
+local NOW
+if ARGV[7] ~= '' then
+  NOW = tonumber(ARGV[7])
+else
+  NOW = tonumber(redis.call('TIME')[1])
+end
+
+local NUMERIC = {
+  hold_off = true, session_tag = true, time_start = true, time_end = true,
+  time_started = true, time_ended = true, run_timeout = true, version = true,
+  created_at = true, members = true, done = true, failed = true, hist_min = true,
+}
+
+-- The session as a table (numbers converted), or nil when it does not exist.
+local function load_session()
+  local flat = redis.call('HGETALL', KEYS[1])
+  if #flat == 0 then return nil end
+  local s = {}
+  for i = 1, #flat, 2 do
+    local k, v = flat[i], flat[i + 1]
+    if NUMERIC[k] then v = tonumber(v) end
+    s[k] = v
+  end
+  s._dirty = {}
+  return s
+end
+
+local function set(s, field, value)
+  s[field] = value
+  s._dirty[field] = true
+end
+
+local function save(s)
+  local args = {}
+  for field in pairs(s._dirty) do
+    local v = s[field]
+    if type(v) == 'number' then v = string.format('%d', v) end
+    args[#args + 1] = field
+    args[#args + 1] = v
+  end
+  if #args > 0 then redis.call('HSET', KEYS[1], unpack(args)) end
+  s._dirty = {}
+end
+
+local function bump_version(s)
+  set(s, 'version', (s.version or 0) + 1)
+end
+
+local function publish(event)
+  event.project_id = PROJECT
+  event.session_id = SESSION
+  event.time = NOW
+  redis.call('PUBLISH', CHANNEL, cjson.encode(event))
+end
+
+-- Jobs ---------------------------------------------------------------------------------
+
+local function get_job(job_id)
+  local raw = redis.call('HGET', KEYS[2], job_id)
+  if not raw then return nil end
+  return cjson.decode(raw)
+end
+
+local function put_job(job_id, e)
+  redis.call('HSET', KEYS[2], job_id, cjson.encode(e))
+end
+
+local function new_job(s, client_id)
+  return {c = client_id or '', j = s.session_tag + 1, r = -1, s = 'scheduled', x = '', ts = -1, te = -1}
+end
+
+-- Is the job a member of the session's current run?
+local function is_member(s, e)
+  return s.status ~= '' and e.j <= s.session_tag
+end
+
+-- A run closed by its deadline or by a newer run aborts every member that had not completed.
+local function closed_abnormally(status, closed)
+  return status == 'completed' and (closed == 'deadline' or closed == 'superseded')
+end
+
+-- The job's effective state in the current run: {s, x, ts, te, member}.
+local function job_state(s, e)
+  local member = is_member(s, e)
+  local st = {s = 'scheduled', x = '', ts = -1, te = -1}
+  if e.r == s.session_tag then st = {s = e.s, x = e.x, ts = e.ts, te = e.te} end
+  if member and st.s ~= 'completed' and closed_abnormally(s.status, s.closed) then
+    st = {s = 'completed', x = 'aborted', ts = st.ts, te = s.time_end}
+  end
+  st.member = member
+  return st
+end
+
+-- Runs ---------------------------------------------------------------------------------
+
+local function write_run(s)
+  if s.session_tag < 1 or s.status == '' then return end
+  redis.call('HSET', KEYS[3], string.format('%d', s.session_tag), cjson.encode({
+    session_tag = s.session_tag, time_start = s.time_start, time_end = s.time_end,
+    status = s.status, result = s.result, closed = s.closed or '',
+  }))
+end
+
+local function write_run_job(tag, job_id, st)
+  local field = string.format('%d', tag) .. ':' .. job_id
+  redis.call('HSET', KEYS[4], field, cjson.encode({s = st.s, x = st.x, ts = st.ts, te = st.te}))
+  redis.call('ZADD', KEYS[5], tag, field)
+end
+
+-- Keep the last HISTORY runs; forget per-job entries of evicted runs a bounded batch a call.
+local function trim_history(s)
+  if redis.call('HLEN', KEYS[3]) > HISTORY then
+    local tags = redis.call('HKEYS', KEYS[3])
+    local nums = {}
+    for i, t in ipairs(tags) do nums[i] = tonumber(t) end
+    table.sort(nums)
+    local drop = #nums - HISTORY
+    for i = 1, drop do redis.call('HDEL', KEYS[3], string.format('%d', nums[i])) end
+    set(s, 'hist_min', nums[drop + 1])
+  end
+  local min_tag = s.hist_min or 0
+  if min_tag > 0 then
+    local stale = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', '(' .. min_tag, 'LIMIT', 0, 256)
+    if #stale > 0 then
+      redis.call('HDEL', KEYS[4], unpack(stale))
+      redis.call('ZREM', KEYS[5], unpack(stale))
+    end
+  end
+end
+
+-- Complete the current run when every member has completed (only while it is running).
+local function recompute(s)
+  if s.status ~= 'running' or s.members == 0 or s.done < s.members then return end
+  set(s, 'status', 'completed')
+  set(s, 'result', s.failed == 0 and 'success' or 'fail')
+  set(s, 'closed', 'completed')
+  set(s, 'time_end', NOW)
+  set(s, 'time_ended', NOW)
+  write_run(s)
+  publish({event = 'run_completed', session_tag = s.session_tag, result = s.result,
+           closed = 'completed'})
+end
+
+-- Close a still running run as failed: its deadline passed, or a newer run replaced it.
+local function close_run(s, why)
+  set(s, 'status', 'completed')
+  set(s, 'result', 'fail')
+  set(s, 'closed', why)
+  set(s, 'time_end', NOW)
+  set(s, 'time_ended', NOW)
+  bump_version(s)
+  write_run(s)
+  publish({event = 'run_completed', session_tag = s.session_tag, result = 'fail', closed = why})
+end
+
+-- When the running run expires (for the sweep's schedule), or nil.
+local function deadline_of(s)
+  if s.status == 'running' and s.run_timeout > 0 then return s.time_start + s.run_timeout end
+  return nil
+end
+
+local function apply_deadline(s)
+  if s.status == 'running' and s.run_timeout > 0 and NOW - s.time_start >= s.run_timeout then
+    close_run(s, 'deadline')
+  end
+end
+
+-- Requests and replies -----------------------------------------------------------------
+
+-- The session this call loaded; finish() saves its changes together with the reply.
+local CURRENT = nil
+
+local function push_reply(reply)
+  if REQUEST_ID == '' or REPLY_TTL == 0 then return end
+  redis.call('DEL', KEYS[8])
+  redis.call('RPUSH', KEYS[8], reply)
+  redis.call('EXPIRE', KEYS[8], REPLY_TTL)
+end
+
+local function forget_expired_requests()
+  local old = redis.call('ZRANGEBYSCORE', KEYS[7], '-inf', NOW, 'LIMIT', 0, 64)
+  if #old > 0 then
+    redis.call('HDEL', KEYS[6], unpack(old))
+    redis.call('ZREM', KEYS[7], unpack(old))
+  end
+end
+
+-- Remember the reply under the request id, push it, return it.
+local function finish(reply_table)
+  reply_table.request_id = REQUEST_ID
+  reply_table.session_id = reply_table.session_id or SESSION
+  local reply = cjson.encode(reply_table)
+  if CURRENT then save(CURRENT) end
+  if REQUEST_ID ~= '' then
+    forget_expired_requests()
+    redis.call('HSET', KEYS[6], REQUEST_ID, FINGERPRINT .. '|' .. reply)
+    redis.call('ZADD', KEYS[7], NOW + REQUEST_TTL, REQUEST_ID)
+  end
+  push_reply(reply)
+  return reply
+end
+
+-- A reply that is pushed but not remembered (nothing was applied, nothing can be repeated).
+local function refuse(code, description)
+  local reply = cjson.encode({request_id = REQUEST_ID, session_id = SESSION, ok = false,
+                              error = {code = code, description = description}})
+  push_reply(reply)
+  return reply
+end
+
+-- The stored reply of an earlier call with this request id (pushed again), or nil.
+local function repeated()
+  if REQUEST_ID == '' then return nil end
+  local stored = redis.call('HGET', KEYS[6], REQUEST_ID)
+  if not stored then return nil end
+  local bar = string.find(stored, '|', 1, true)
+  if string.sub(stored, 1, bar - 1) ~= FINGERPRINT then
+    return refuse('idempotency_mismatch',
+      'request id ' .. REQUEST_ID .. ' was already used for a different command')
+  end
+  local reply = string.sub(stored, bar + 1)
+  push_reply(reply)
+  return reply
+end
+
+local function ok(result, s, extra)
+  local r = {ok = true, result = result, session_tag = s.session_tag, version = s.version}
+  if extra then for k, v in pairs(extra) do r[k] = v end end
+  return finish(r)
+end
+
+local function fail(code, description)
+  return finish({ok = false, error = {code = code, description = description}})
+end
+
+local function not_found()
+  return refuse('not_found', 'session ' .. SESSION .. ' does not exist')
+end
+
+-- Open a session script: nil plus the reply to return, or the loaded session.
+local function open_session()
+  local s = load_session()
+  if not s then
+    local again = repeated()
+    if again then return nil, again end
+    return nil, not_found()
+  end
+  local again = repeated()
+  if again then return nil, again end
+  CURRENT = s
+  apply_deadline(s)
+  return s, nil
+end
+
+-- Documents (create, replace, update) ------------------------------------------------------
+
+local DOC_FIELDS = {'user_id', 'description', 'hold_off', 'session_tag', 'time_start',
+                    'time_end', 'time_started', 'time_ended', 'status', 'result', 'run_timeout'}
+
+-- Write the scalar fields present in `doc` (already validated by the caller).
+local function apply_fields(s, doc)
+  for _, f in ipairs(DOC_FIELDS) do
+    if doc[f] ~= nil then set(s, f, doc[f]) end
+  end
+end
+
+-- Merge per-job fields from a document's `jobs` object; `member_of` is the first run a job
+-- new to the session belongs to. Fields not given keep their value (or the new-job default).
+local function merge_jobs(s, jobs, member_of)
+  for job_id, given in pairs(jobs) do
+    local e = get_job(job_id)
+    if not e then
+      e = new_job(s, '')
+      e.j = member_of
+    end
+    if e.r ~= s.session_tag then
+      e.r, e.s, e.x, e.ts, e.te = s.session_tag, 'scheduled', '', -1, -1
+    end
+    if given.client_id ~= nil then e.c = given.client_id end
+    if given.status ~= nil then e.s = given.status end
+    if given.result ~= nil then e.x = given.result end
+    if given.time_started ~= nil then e.ts = given.time_started end
+    if given.time_ended ~= nil then e.te = given.time_ended end
+    put_job(job_id, e)
+  end
+end
+
+-- Count members, completed and failed members of the current run from scratch: O(jobs), so
+-- only whole-document writes call it.
+local function rebuild_counters(s)
+  local members, done, failed = 0, 0, 0
+  local flat = redis.call('HGETALL', KEYS[2])
+  for i = 1, #flat, 2 do
+    local st = job_state(s, cjson.decode(flat[i + 1]))
+    if st.member then
+      members = members + 1
+      if st.s == 'completed' then
+        done = done + 1
+        if st.x ~= 'success' then failed = failed + 1 end
+      end
+    end
+  end
+  set(s, 'members', members)
+  set(s, 'done', done)
+  set(s, 'failed', failed)
+end
+
+-- The scalars every new session starts from (the caller's document overrides them).
+local function fresh_session()
+  local s = {_dirty = {}}
+  set(s, 'project_id', PROJECT)
+  set(s, 'session_id', SESSION)
+  set(s, 'schedule', '{}')
+  set(s, 'version', 0)
+  set(s, 'created_at', NOW)
+  set(s, 'closed', '')
+  set(s, 'hist_min', 0)
+  set(s, 'members', 0)
+  set(s, 'done', 0)
+  set(s, 'failed', 0)
+  return s
+end
+
+-- A session whose request records outlived a delete keeps them from now on.
+local function keep_request_records()
+  redis.call('PERSIST', KEYS[6])
+  redis.call('PERSIST', KEYS[7])
+end

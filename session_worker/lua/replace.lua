@@ -1,0 +1,43 @@
+-- replace.lua: create the session or overwrite its document (SPEC §3, replace).
+--
+-- KEYS[1..8], ARGV[1..9]: see _prelude.lua.
+-- ARGV[10] scalar fields JSON: every field of _prelude's DOC_FIELDS, validated and defaulted
+-- ARGV[11] schedule JSON (stored as given)
+-- ARGV[12] jobs JSON: job_id -> {client_id, status, result, time_started, time_ended}
+--
+-- Returns the reply JSON: ok + version, created (true when it did not exist), created_at,
+-- detached (ids of jobs no longer in the session; their records are the caller's to
+-- detach); or idempotency_mismatch. Run history is kept.
+
+local s = load_session()
+local again = repeated()
+if again then return again end
+local created = false
+if not s then
+  s = fresh_session()
+  created = true
+end
+CURRENT = s
+apply_deadline(s)
+
+local jobs = cjson.decode(ARGV[12])
+local detached = {}
+for _, job_id in ipairs(redis.call('HKEYS', KEYS[2])) do
+  if jobs[job_id] == nil then
+    detached[#detached + 1] = job_id
+    redis.call('HDEL', KEYS[2], job_id)
+  end
+end
+apply_fields(s, cjson.decode(ARGV[10]))
+set(s, 'schedule', ARGV[11])
+local member_of = s.session_tag + 1
+if created and s.status == 'running' then member_of = s.session_tag end
+merge_jobs(s, jobs, member_of)
+rebuild_counters(s)
+bump_version(s)
+keep_request_records()
+write_run(s)
+recompute(s)
+publish({event = 'session_replaced'})
+return ok('success', s, {created = created, created_at = s.created_at, detached = detached,
+                         deadline = deadline_of(s)})

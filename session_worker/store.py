@@ -1,0 +1,343 @@
+"""Typed methods over the Lua scripts: the only module that calls them.
+
+Each command is one script call on the session's slot. What lies outside that slot (a job's
+own record, the project's session index, the deadline schedule) is updated in separate
+one-slot steps after it, each idempotent and ordered so that a crash between two of them
+loses nothing: a redelivered command gets its stored reply and runs the steps again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+
+import orjson
+from redis import Redis
+
+from .keys import KeyBuilder, events_channel
+from .models import (
+    SCALAR_FIELDS,
+    AddJobCommand,
+    Command,
+    CreateCommand,
+    DeleteCommand,
+    EndCommand,
+    JobRecord,
+    RemoveJobCommand,
+    ReplaceCommand,
+    Reply,
+    SessionFields,
+    StartCommand,
+    UpdateCommand,
+    scalar_defaults,
+)
+from .scripts import Scripts
+from .settings import Settings, get_settings
+
+# The fields of the stored session that are the service's bookkeeping, not the document's.
+_INTERNAL_FIELDS = ("members", "done", "failed", "closed", "hist_min", "created_at", "version")
+
+_SESSION_NAMESPACE = uuid.UUID("4b6f1c1e-52a3-4c36-9e0d-5e3c1f0a7d21")
+
+
+def derived_session_id(project_id: str, request_id: str) -> str:
+    """The id of a session created without one: fixed by the request, so a retry finds it."""
+    return uuid.uuid5(_SESSION_NAMESPACE, f"{project_id}:{request_id}").hex
+
+
+def fingerprint(kind: str, payload: dict[str, Any]) -> str:
+    """What makes two commands with one request id "the same command"."""
+    body = {k: v for k, v in payload.items() if k not in ("request_id", "reply_to")}
+    return hashlib.sha1(orjson.dumps([kind, body], option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _derived_request_id(request_id: str, step: str) -> str:
+    return hashlib.sha1(f"{request_id}:{step}".encode()).hexdigest()
+
+
+def _document_args(doc: SessionFields, defaults: dict[str, Any] | None) -> list[str]:
+    """ARGV[10..12] of create / replace / update: scalars, schedule, jobs."""
+    given = doc.model_dump(include=set(SCALAR_FIELDS), exclude_none=True)
+    scalars = {**defaults, **given} if defaults is not None else given
+    if doc.schedule is not None:
+        schedule = orjson.dumps(doc.schedule.model_dump(exclude_none=True)).decode()
+    else:
+        schedule = "{}" if defaults is not None else ""
+    jobs = {
+        job_id: entry.model_dump(exclude_none=True, exclude={"member"})
+        for job_id, entry in (doc.jobs or {}).items()
+    }
+    return [orjson.dumps(scalars).decode(), schedule, orjson.dumps(jobs).decode()]
+
+
+def _object(value: Any) -> dict[str, Any]:
+    """An empty Lua table comes back as [] from some servers: it is always an object here."""
+    return {} if value == [] else cast(dict[str, Any], value)
+
+
+class Store:
+    """Session commands and reads on one Redis (or Redis Cluster) client."""
+
+    def __init__(
+        self,
+        client: Redis,
+        settings: Settings | None = None,
+        *,
+        clock: Callable[[], int] | None = None,
+    ) -> None:
+        self.client = client
+        self.settings = settings or get_settings()
+        self.keys = KeyBuilder(self.settings.key_prefix)
+        self.scripts = Scripts(client)
+        self._clock = clock  # tests only: replaces the server's TIME inside the scripts
+
+    # Script calls -------------------------------------------------------------------------
+
+    def _run(
+        self,
+        script: str,
+        project_id: str,
+        session_id: str,
+        request_id: str,
+        fp: str,
+        push_reply: bool,
+        args: Iterable[Any] = (),
+    ) -> Any:
+        keys = self.keys.session(project_id, session_id, request_id or "-")
+        argv: list[Any] = [
+            request_id,
+            fp,
+            self.settings.request_ttl,
+            self.settings.reply_ttl if push_reply else 0,
+            events_channel(project_id, session_id),
+            self.settings.history_limit,
+            "" if self._clock is None else self._clock(),
+            project_id,
+            session_id,
+            *args,
+        ]
+        return self.scripts[script](keys=list(keys), args=argv)
+
+    def _command(
+        self, kind: str, cmd: Command, session_id: str, args: Iterable[Any] = ()
+    ) -> Reply:
+        payload = cmd.model_dump(mode="json")
+        reply_key = self.keys.reply(cmd.project_id, session_id, cmd.request_id)
+        if cmd.reply_to is not None and cmd.reply_to != reply_key:
+            return Reply.failure(
+                cmd.request_id, session_id, "bad_request", f"reply_to must be {reply_key}"
+            )
+        raw = self._run(
+            kind,
+            cmd.project_id,
+            session_id,
+            cmd.request_id,
+            fingerprint(kind, payload),
+            cmd.reply_to is not None,
+            args,
+        )
+        return Reply.model_validate_json(raw)
+
+    # Commands -----------------------------------------------------------------------------
+
+    def start(self, cmd: StartCommand) -> Reply:
+        reply = self._command("start", cmd, cmd.session_id, [cmd.job_id, cmd.current_tag])
+        self._schedule_deadline(cmd.project_id, cmd.session_id, reply)
+        return reply
+
+    def end(self, cmd: EndCommand) -> Reply:
+        tag = "" if cmd.current_tag is None else cmd.current_tag
+        return self._command("end", cmd, cmd.session_id, [cmd.job_id, tag, cmd.result])
+
+    def add_job(self, cmd: AddJobCommand) -> Reply:
+        reply = self._command("add_job", cmd, cmd.session_id, [cmd.job_id, cmd.client_id])
+        if reply.ok:
+            self._attach_job(cmd, cmd.session_id, cmd.job_id, reply)
+        return reply
+
+    def remove_job(self, cmd: RemoveJobCommand) -> Reply:
+        reply = self._command("remove_job", cmd, cmd.session_id, [cmd.job_id])
+        if reply.ok:
+            self._detach_job(cmd.project_id, cmd.session_id, cmd.job_id)
+        return reply
+
+    def create(self, cmd: CreateCommand) -> Reply:
+        doc = cmd.document
+        session_id = doc.session_id or derived_session_id(cmd.project_id, cmd.request_id)
+        defaults = scalar_defaults(self.settings.default_hold_off)
+        if cmd.user_id and not doc.user_id:
+            defaults["user_id"] = cmd.user_id
+        reply = self._command("create", cmd, session_id, _document_args(doc, defaults))
+        if reply.ok:
+            self._index(cmd.project_id, session_id, reply)
+            self._attach_jobs(cmd, session_id, doc, reply)
+        return reply
+
+    def replace(self, cmd: ReplaceCommand) -> Reply:
+        doc = cmd.document
+        defaults = scalar_defaults(self.settings.default_hold_off)
+        if cmd.user_id and not doc.user_id:
+            defaults["user_id"] = cmd.user_id
+        reply = self._command("replace", cmd, cmd.session_id, _document_args(doc, defaults))
+        if reply.ok:
+            self._index(cmd.project_id, cmd.session_id, reply)
+            for job_id in reply.detached or ():
+                self._detach_job(cmd.project_id, cmd.session_id, job_id)
+            self._attach_jobs(cmd, cmd.session_id, doc, reply)
+        return reply
+
+    def update(self, cmd: UpdateCommand) -> Reply:
+        reply = self._command("update", cmd, cmd.session_id, _document_args(cmd.patch, None))
+        if reply.ok:
+            self._schedule_deadline(cmd.project_id, cmd.session_id, reply)
+            self._attach_jobs(cmd, cmd.session_id, cmd.patch, reply)
+        return reply
+
+    def delete(self, cmd: DeleteCommand) -> Reply:
+        reply = self._command("delete", cmd, cmd.session_id)
+        if reply.ok:
+            for job_id in reply.detached or ():
+                self._detach_job(cmd.project_id, cmd.session_id, job_id)
+            self.client.zrem(self.keys.deadlines(), f"{cmd.project_id}:{cmd.session_id}")
+            self.client.zrem(self.keys.project_index(cmd.project_id), cmd.session_id)
+        return reply
+
+    def apply(self, kind: str, cmd: Command) -> Reply:
+        """Run a validated command by its kind (what the workers call)."""
+        method: Callable[[Any], Reply] = getattr(self, kind)
+        return method(cmd)
+
+    # Steps outside the session's slot -----------------------------------------------------
+
+    def _index(self, project_id: str, session_id: str, reply: Reply) -> None:
+        created_at = reply.created_at or 0
+        self.client.zadd(self.keys.project_index(project_id), {session_id: created_at}, nx=True)
+        self._schedule_deadline(project_id, session_id, reply)
+
+    def _schedule_deadline(self, project_id: str, session_id: str, reply: Reply) -> None:
+        if reply.ok and reply.deadline is not None:
+            self.client.zadd(self.keys.deadlines(), {f"{project_id}:{session_id}": reply.deadline})
+
+    def _attach_jobs(
+        self, cmd: Command, session_id: str, doc: SessionFields, reply: Reply
+    ) -> None:
+        for job_id in doc.jobs or ():
+            self._attach_job(cmd, session_id, job_id, reply)
+
+    def _attach_job(self, cmd: Command, session_id: str, job_id: str, reply: Reply) -> None:
+        """Point the job's record here; take the job out of the session it was in before."""
+        schedule = reply.job_schedule
+        if schedule is None:
+            schedule = (self.get(cmd.project_id, session_id) or {}).get("schedule", {})
+        previous = self.scripts["attach_job"](
+            keys=[
+                self.keys.job_record(cmd.project_id, job_id),
+                self.keys.job_move(cmd.project_id, job_id, cmd.request_id),
+            ],
+            args=[
+                session_id,
+                reply.session_tag or 0,
+                orjson.dumps(schedule),
+                self.settings.request_ttl,
+            ],
+        )
+        previous = previous.decode() if isinstance(previous, bytes) else previous
+        if previous and previous != session_id:
+            move = RemoveJobCommand(
+                request_id=_derived_request_id(cmd.request_id, f"move:{job_id}"),
+                reply_to=None,
+                project_id=cmd.project_id,
+                session_id=previous,
+                job_id=job_id,
+            )
+            self._command("remove_job", move, previous, [job_id])
+
+    def _detach_job(self, project_id: str, session_id: str, job_id: str) -> None:
+        self.scripts["detach_job"](keys=[self.keys.job_record(project_id, job_id)], args=[session_id])
+
+    # Reads --------------------------------------------------------------------------------
+
+    def get(self, project_id: str, session_id: str) -> dict[str, Any] | None:
+        """The session document as the API shows it, or None."""
+        raw = self._run("read", project_id, session_id, "", "", False)
+        if not raw:
+            return None
+        return self._document(orjson.loads(raw))
+
+    @staticmethod
+    def _document(stored: dict[str, Any]) -> dict[str, Any]:
+        doc = {k: v for k, v in stored.items() if k not in _INTERNAL_FIELDS}
+        doc["schedule"] = _object(orjson.loads(stored.get("schedule") or "{}"))
+        doc["jobs"] = _object(stored.get("jobs", {}))
+        doc["_version"] = stored.get("version", 0)
+        return doc
+
+    def runs(self, project_id: str, session_id: str, tag: int | None = None) -> list[dict[str, Any]] | None:
+        """The run history ascending by tag (one run when `tag` is given), or None."""
+        raw = self._run("runs", project_id, session_id, "", "", False, ["" if tag is None else tag])
+        if not raw:
+            return None
+        runs = orjson.loads(raw)["runs"]
+        if runs == {}:
+            return []
+        for run in runs:
+            run["jobs"] = _object(run["jobs"])
+        return cast(list[dict[str, Any]], runs)
+
+    def list_sessions(
+        self,
+        project_id: str,
+        *,
+        limit: int = 10,
+        offset: int = 0,
+        match: list[dict[str, Any]] | None = None,
+        match_not: list[dict[str, Any]] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Sessions ordered by creation time then id; `match` all equal, `match_not` none."""
+        ids = [i.decode() for i in self.client.zrange(self.keys.project_index(project_id), 0, -1)]
+        found: list[dict[str, Any]] = []
+        skipped = 0
+        for session_id in ids:
+            doc = self.get(project_id, session_id)
+            if doc is None:
+                continue
+            if any(doc.get(k) != v for m in match or () for k, v in m.items()):
+                continue
+            if any(doc.get(k) == v for m in match_not or () for k, v in m.items()):
+                continue
+            if skipped < offset:
+                skipped += 1
+                continue
+            found.append(doc)
+            if len(found) >= limit:
+                break
+        return found
+
+    def job_record(self, project_id: str, job_id: str) -> JobRecord | None:
+        raw = self.client.hgetall(self.keys.job_record(project_id, job_id))
+        if not raw:
+            return None
+        fields = {k.decode(): v.decode() for k, v in raw.items()}
+        return JobRecord(
+            session_id=fields["session_id"],
+            session_tag=int(fields["session_tag"]),
+            job_schedule=_object(orjson.loads(fields["job_schedule"])),
+        )
+
+    # Deadlines ----------------------------------------------------------------------------
+
+    def sweep_deadlines(self, batch: int = 100) -> int:
+        """Apply every passed run deadline (the periodic sweep of SPEC §4); returns how many."""
+        now = self._clock() if self._clock else int(self.client.time()[0])
+        due = self.client.zrangebyscore(self.keys.deadlines(), "-inf", now, start=0, num=batch)
+        for member in due:
+            project_id, session_id = member.decode().split(":", 1)
+            doc = self.get(project_id, session_id)  # the read applies the deadline
+            if doc and doc["status"] == "running" and doc["run_timeout"] > 0:
+                deadline = doc["time_start"] + doc["run_timeout"]
+                self.client.zadd(self.keys.deadlines(), {member: deadline})
+            else:
+                self.client.zrem(self.keys.deadlines(), member)
+        return len(due)
