@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
+from .errors import error_from_code
+
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -242,6 +244,12 @@ class Reply(BaseModel):
 
     _normalise_schedule = field_validator("job_schedule", mode="before")(_empty_list_is_object)
     _normalise_detached = field_validator("detached", mode="before")(_empty_object_is_list)
+
+    def raise_for_error(self) -> Reply:
+        """This reply, or the typed error it carries (errors.py)."""
+        if self.error is not None:
+            raise error_from_code(self.error.code, self.error.description)
+        return self
 
     @classmethod
     def failure(cls, request_id: str, session_id: str, code: str, description: str) -> Reply:
