@@ -5,8 +5,6 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from .errors import error_from_code
-
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -16,6 +14,8 @@ from pydantic import (
     StrictStr,
     field_validator,
 )
+
+from .errors import error_from_code
 
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 ID_RE = re.compile(ID_PATTERN)
@@ -31,6 +31,7 @@ SessionResult = Literal["", "success", "fail"]
 JobStatus = Literal["scheduled", "running", "completed"]
 JobResult = Literal["", "success", "fail", "aborted"]
 EndResult = Literal["success", "fail", "aborted"]
+ScheduleStatus = Literal["", "completed", "stop", "scheduled", "running", "aborting", "removed"]
 
 _CRON = Annotated[StrictStr, Field(max_length=64)]
 _INTERVAL = r"^(continuous|[0-9]{1,9} (weeks|days|hours|minutes|seconds))$"
@@ -48,9 +49,9 @@ class Schedule(Strict):
     time_started: Time | None = None
     time_ended: Time | None = None
     event: Literal["", "stop", "start", "abort", "remove"] | None = None
-    status: Literal["", "completed", "stop", "scheduled", "running", "aborting", "removed"] | None = (
-        None
-    )
+    status: (
+        Literal["", "completed", "stop", "scheduled", "running", "aborting", "removed"] | None
+    ) = None
     result: Literal["", "success", "fail", "aborted"] | None = None
     schedule_date: Annotated[StrictStr, Field(pattern=_ISO_DATETIME)] | None = None
     schedule_start_date: Annotated[StrictStr, Field(pattern=_ISO_DATETIME)] | None = None

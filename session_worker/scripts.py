@@ -45,8 +45,7 @@ class Scripts:
 
     def __init__(self, client: Redis) -> None:
         self.by_name: dict[str, Script] = {
-            name: client.register_script(lua_source(name))
-            for name in SESSION_SCRIPTS + JOB_SCRIPTS
+            name: client.register_script(lua_source(name)) for name in SESSION_SCRIPTS + JOB_SCRIPTS
         }
 
     def __getitem__(self, name: str) -> Script:

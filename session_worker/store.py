@@ -72,6 +72,11 @@ def _document_args(doc: SessionFields, defaults: dict[str, Any] | None) -> list[
     return [orjson.dumps(scalars).decode(), schedule, orjson.dumps(jobs).decode()]
 
 
+def _text(value: Any) -> str:
+    """A Redis reply item as text (clients may or may not decode responses)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _object(value: Any) -> dict[str, Any]:
     """An empty Lua table comes back as [] from some servers: it is always an object here."""
     return {} if value == [] else cast(dict[str, Any], value)
@@ -120,9 +125,7 @@ class Store:
         ]
         return self.scripts[script](keys=list(keys), args=argv)
 
-    def _command(
-        self, kind: str, cmd: Command, session_id: str, args: Iterable[Any] = ()
-    ) -> Reply:
+    def _command(self, kind: str, cmd: Command, session_id: str, args: Iterable[Any] = ()) -> Reply:
         payload = cmd.model_dump(mode="json")
         reply_key = self.keys.reply(cmd.project_id, session_id, cmd.request_id)
         if cmd.reply_to is not None and cmd.reply_to != reply_key:
@@ -220,9 +223,7 @@ class Store:
         if reply.ok and reply.deadline is not None:
             self.client.zadd(self.keys.deadlines(), {f"{project_id}:{session_id}": reply.deadline})
 
-    def _attach_jobs(
-        self, cmd: Command, session_id: str, doc: SessionFields, reply: Reply
-    ) -> None:
+    def _attach_jobs(self, cmd: Command, session_id: str, doc: SessionFields, reply: Reply) -> None:
         for job_id in doc.jobs or ():
             self._attach_job(cmd, session_id, job_id, reply)
 
@@ -243,7 +244,7 @@ class Store:
                 self.settings.request_ttl,
             ],
         )
-        previous = previous.decode() if isinstance(previous, bytes) else previous
+        previous = _text(previous)
         if previous and previous != session_id:
             move = RemoveJobCommand(
                 request_id=_derived_request_id(cmd.request_id, f"move:{job_id}"),
@@ -255,7 +256,9 @@ class Store:
             self._command("remove_job", move, previous, [job_id])
 
     def _detach_job(self, project_id: str, session_id: str, job_id: str) -> None:
-        self.scripts["detach_job"](keys=[self.keys.job_record(project_id, job_id)], args=[session_id])
+        self.scripts["detach_job"](
+            keys=[self.keys.job_record(project_id, job_id)], args=[session_id]
+        )
 
     # Reads --------------------------------------------------------------------------------
 
@@ -274,7 +277,9 @@ class Store:
         doc["_version"] = stored.get("version", 0)
         return doc
 
-    def runs(self, project_id: str, session_id: str, tag: int | None = None) -> list[dict[str, Any]] | None:
+    def runs(
+        self, project_id: str, session_id: str, tag: int | None = None
+    ) -> list[dict[str, Any]] | None:
         """The run history ascending by tag (one run when `tag` is given), or None."""
         raw = self._run("runs", project_id, session_id, "", "", False, ["" if tag is None else tag])
         if not raw:
@@ -296,7 +301,8 @@ class Store:
         match_not: list[dict[str, Any]] | None = None,
     ) -> list[dict[str, Any]]:
         """Sessions ordered by creation time then id; `match` all equal, `match_not` none."""
-        ids = [i.decode() for i in self.client.zrange(self.keys.project_index(project_id), 0, -1)]
+        index = self.keys.project_index(project_id)
+        ids = [_text(i) for i in cast(list[Any], self.client.zrange(index, 0, -1))]
         found: list[dict[str, Any]] = []
         skipped = 0
         for session_id in ids:
@@ -316,10 +322,10 @@ class Store:
         return found
 
     def job_record(self, project_id: str, job_id: str) -> JobRecord | None:
-        raw = self.client.hgetall(self.keys.job_record(project_id, job_id))
+        raw = cast(dict[Any, Any], self.client.hgetall(self.keys.job_record(project_id, job_id)))
         if not raw:
             return None
-        fields = {k.decode(): v.decode() for k, v in raw.items()}
+        fields = {_text(k): _text(v) for k, v in raw.items()}
         return JobRecord(
             session_id=fields["session_id"],
             session_tag=int(fields["session_tag"]),
@@ -330,14 +336,18 @@ class Store:
 
     def sweep_deadlines(self, batch: int = 100) -> int:
         """Apply every passed run deadline (the periodic sweep of SPEC §4); returns how many."""
-        now = self._clock() if self._clock else int(self.client.time()[0])
-        due = self.client.zrangebyscore(self.keys.deadlines(), "-inf", now, start=0, num=batch)
+        now = self._clock() if self._clock else int(cast(Any, self.client.time())[0])
+        schedule = self.keys.deadlines()
+        due = [
+            _text(m)
+            for m in cast(list[Any], self.client.zrangebyscore(schedule, "-inf", now, 0, batch))
+        ]
         for member in due:
-            project_id, session_id = member.decode().split(":", 1)
+            project_id, session_id = member.split(":", 1)
             doc = self.get(project_id, session_id)  # the read applies the deadline
             if doc and doc["status"] == "running" and doc["run_timeout"] > 0:
                 deadline = doc["time_start"] + doc["run_timeout"]
-                self.client.zadd(self.keys.deadlines(), {member: deadline})
+                self.client.zadd(schedule, {member: deadline})
             else:
-                self.client.zrem(self.keys.deadlines(), member)
+                self.client.zrem(schedule, member)
         return len(due)
