@@ -26,6 +26,7 @@ from session_worker.models import (
     RemoveJobCommand,
     ReplaceCommand,
     Reply,
+    SessionEvent,
     SessionFields,
     StartCommand,
 )
@@ -871,6 +872,60 @@ class subscribed:
 
     def __exit__(self, *exc: object) -> None:
         self.pubsub.close()
+
+
+def test_the_events_of_a_round(s: Session, backend: redis.Redis, clock: Clock) -> None:
+    with subscribed(backend, s.id) as events:
+        s.create(["a"])
+        s.add("b")
+        s.start("a", 0)
+        clock.advance(1)
+        s.start("b", 0)
+        s.start("b", 1)  # hold-off: no event
+        s.end("a", "success")
+        s.end("b", "fail")
+        clock.advance(HOLD_OFF)
+        s.start("a", 1)
+        s.remove("b")
+        received = events()
+    kinds = [(e["event"], e.get("job_id"), e.get("session_tag")) for e in received]
+    assert kinds == [
+        ("session_created", None, None),
+        ("job_added", "b", None),
+        ("run_started", "a", 1),
+        ("job_started", "a", 1),
+        ("job_started", "b", 1),
+        ("job_ended", "a", 1),
+        ("job_ended", "b", 1),
+        ("run_completed", None, 1),
+        ("run_started", "a", 2),
+        ("job_started", "a", 2),
+        ("job_removed", "b", None),
+    ]
+    for event in received:
+        model = SessionEvent.model_validate(event)
+        assert (model.project_id, model.session_id) == (PROJECT, s.id)
+    assert received[7]["result"] == "fail"
+    assert [e["time"] for e in received[-3:]] == [T0 + 1 + HOLD_OFF] * 3
+
+
+def test_late_and_superseded_runs_publish_events(
+    started: Session, backend: redis.Redis, clock: Clock
+) -> None:
+    clock.advance(HOLD_OFF + 1)
+    with subscribed(backend, started.id) as events:
+        started.start("b", 0)  # out-of-sync: b's part of run 1 is aborted
+        started.start("c", 1)  # run 2 supersedes run 1
+        started.end("a", "success", tag=1)  # late end
+        received = events()
+    assert [(e["event"], e.get("session_tag"), e.get("result")) for e in received] == [
+        ("job_ended", 1, "aborted"),
+        ("run_completed", 1, "fail"),
+        ("run_started", 2, None),
+        ("job_started", 2, None),
+        ("job_ended_late", 1, "success"),
+    ]
+    assert received[1]["closed"] == "superseded"
 
 
 # the server's own clock ---------------------------------------------------------------------

@@ -75,7 +75,7 @@ set(s, 'done', 0)
 set(s, 'failed', 0)
 if e.j > tag then e.j = tag end
 write_run(s)
-start_job_in_current_run()
 publish({event = 'run_started', session_tag = tag, job_id = job_id})
+start_job_in_current_run()
 trim_history(s)
 return ok('success', s, {deadline = deadline_of(s)})
