@@ -1,0 +1,908 @@
+"""The HTTP shim: freezer-api's sessions API over the store (SPEC §6, §7).
+
+Two path families with the same routes and behaviour: ``/v2/{project_id}/sessions...``
+(freezer-api, what python-freezerclient calls) and ``/v1/sessions...`` (the project comes
+from the caller's token, or ``default_project`` when auth is off). Every route is served
+with and without a trailing slash, never through a redirect.
+
+Mutations are store commands, the same scripts and request-id de-duplication the workers
+use, applied directly (one script call for start and end). Bodies are parsed here with
+orjson and validated with the wire models, so every error a client can cause is a 4xx with
+a JSON ``{"title", "description"}`` body; Redis out of reach is a 503 with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import os
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, ClassVar, Literal, TypeVar
+
+import orjson
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, Field, ValidationError
+from pydantic.json_schema import models_json_schema
+from redis import exceptions as redis_errors
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.routing import BaseRoute, Match, Route
+
+from . import __version__
+from .connection import make_redis
+from .errors import BadRequest, NotFound, SessionWorkerError
+from .models import (
+    ID_PATTERN,
+    AddJobCommand,
+    Count,
+    CreateCommand,
+    DeleteCommand,
+    EndCommand,
+    EndResult,
+    Id,
+    RemoveJobCommand,
+    ReplaceCommand,
+    SessionFields,
+    StartCommand,
+    UpdateCommand,
+)
+from .settings import Settings, TokenGrant, get_settings
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_TAG = re.compile(r"[0-9]{1,13}")
+_MAX_INT = 10**12
+
+ACTIONS: dict[str, tuple[str, ...]] = {
+    "start": ("job_id", "current_tag"),
+    "end": ("job_id", "current_tag", "result"),
+}
+_ACTION_SHAPES = " or ".join(f'{{"{name}": {{...}}}}' for name in ACTIONS)
+# What GET returns at the top level of a document: the only names a list filter may use.
+DOCUMENT_FIELDS = frozenset(f.alias or n for n, f in SessionFields.model_fields.items())
+_FILTER_KEYS = frozenset(("match", "match_not"))
+
+# Handed to uvicorn worker processes (which import the app afresh) by serve().
+_SETTINGS_ENV = "_SESSION_WORKER_HTTP_SETTINGS"
+
+_JSON = "application/json"
+
+T = TypeVar("T", bound=BaseModel)
+
+
+# Errors only the shim raises (the domain errors are in errors.py) ----------------------
+
+
+class ApiError(SessionWorkerError):
+    """An error of the HTTP layer; `headers` go out with its response."""
+
+    headers: ClassVar[Mapping[str, str]] = {}
+
+
+class Unauthorized(ApiError):
+    code, status, title = "unauthorized", 401, "Unauthorized"
+    headers: ClassVar[Mapping[str, str]] = {"WWW-Authenticate": 'Token realm="session-worker"'}
+
+
+class Forbidden(ApiError):
+    code, status, title = "forbidden", 403, "Access Forbidden"
+
+
+class PayloadTooLarge(ApiError):
+    code, status, title = "too_large", 413, "Request body too large"
+
+
+class UnsupportedMediaType(ApiError):
+    code, status, title = "unsupported_media_type", 415, "Unsupported media type"
+
+
+def _json(status: int, body: Any, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type=_JSON, headers=headers)
+
+
+def _error(
+    status: int, title: str, description: str, headers: Mapping[str, str] | None = None
+) -> Response:
+    return _json(status, {"title": title, "description": description}, headers)
+
+
+_NO_CONTENT = 204
+
+
+# Auth ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Whom a request acts for: the project every key is scoped to, and the user."""
+
+    project_id: str
+    user_id: str
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+
+class Auth:
+    """``X-Auth-Token`` → grant (SPEC §7). No tokens configured: auth is off."""
+
+    def __init__(self, tokens: Mapping[str, TokenGrant], default_project: str) -> None:
+        # Looked up by digest: a lookup never compares the secret itself byte by byte.
+        self._grants = {_digest(token): grant for token, grant in tokens.items()}
+        self.enabled = bool(self._grants)
+        self.default_project = default_project
+
+    def caller(self, request: Request, path_project: str | None) -> Caller:
+        """The caller, or 401 (no or unknown token), 403 (another project), 404 (bad id)."""
+        if not self.enabled:
+            if path_project is None:
+                return Caller(self.default_project, "")
+            if _ID.fullmatch(path_project) is None:
+                raise NotFound(f"no such project: {path_project!r}")
+            return Caller(path_project, "")
+        token = request.headers.get("x-auth-token")
+        if not token:
+            raise Unauthorized("an X-Auth-Token header is required")
+        grant = self._grants.get(_digest(token))
+        if grant is None:
+            raise Unauthorized("the X-Auth-Token is not valid")
+        if path_project is not None and path_project != grant.project_id:
+            raise Forbidden("the token does not grant access to this project")
+        return Caller(grant.project_id, grant.user_id)
+
+
+# Request parsing -----------------------------------------------------------------------
+
+
+def _path_id(request: Request, name: str) -> str:
+    value: str = request.path_params[name]
+    if _ID.fullmatch(value) is None:
+        raise NotFound(f"no such {name.removesuffix('_id')}: {value!r}")
+    return value
+
+
+def _request_id(request: Request) -> str:
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return uuid.uuid4().hex
+    if _ID.fullmatch(key) is None:
+        raise BadRequest(f"Idempotency-Key must match {ID_PATTERN}")
+    return key
+
+
+def _is_json(content_type: str | None) -> bool:
+    """application/json, optionally with a utf-8 charset."""
+    if not content_type:
+        return False
+    media, _, params = content_type.partition(";")
+    if media.strip().lower() != _JSON:
+        return False
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in (
+            "utf-8",
+            "utf8",
+        ):
+            return False
+    return True
+
+
+def _describe(exc: ValidationError, prefix: str = "") -> str:
+    unknown: list[str] = []
+    other: list[str] = []
+    for err in exc.errors(include_url=False, include_input=False):
+        where = prefix + ".".join(str(part) for part in err["loc"])
+        if err["type"] == "extra_forbidden":
+            unknown.append(where)
+        elif err["type"] == "missing":
+            other.append(f"{where}: field required")
+        else:
+            other.append(f"{where or 'body'}: {err['msg']}")
+    parts = [f"unknown field(s): {', '.join(unknown)}"] if unknown else []
+    return "; ".join(parts + other)
+
+
+def _validate(model: type[T], data: Any, prefix: str = "") -> T:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise BadRequest(_describe(exc, prefix)) from None
+
+
+def _object(body: Any, what: str = "the request body") -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise BadRequest(f"{what} must be a JSON object")
+    return body
+
+
+def _query_int(request: Request, name: str, default: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isascii() or not raw.isdigit() or int(raw) > _MAX_INT:
+        raise BadRequest(f"{name} must be an integer between 0 and {_MAX_INT}")
+    return int(raw)
+
+
+# The application -----------------------------------------------------------------------
+
+
+class Shim:
+    """Route handlers over one store. Every handler takes only the request (lean hot path)."""
+
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        self.auth = Auth(settings.auth_tokens, settings.default_project)
+        self.max_body = settings.max_body_bytes
+
+    # Helpers --------------------------------------------------------------------------
+
+    def caller(self, request: Request) -> Caller:
+        return self.auth.caller(request, request.path_params.get("project_id"))
+
+    async def body(self, request: Request, *, required: bool) -> Any:
+        """The parsed JSON body; None when an optional body is absent."""
+        content_type = request.headers.get("content-type")
+        if required and not _is_json(content_type):
+            raise UnsupportedMediaType(f"the request body must be {_JSON}")
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isascii() or not length.isdigit():
+                raise BadRequest("Content-Length is not a number")
+            if int(length) > self.max_body:
+                raise PayloadTooLarge(f"the request body is over {self.max_body} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                raise PayloadTooLarge(f"the request body is over {self.max_body} bytes")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        if not raw.strip():
+            if required:
+                raise BadRequest("missing request body")
+            return None
+        if not _is_json(content_type):
+            raise UnsupportedMediaType(f"a request body must be {_JSON}")
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(f"malformed JSON: {exc}") from None
+
+    def document(self, body: Any, caller: Caller, session_id: str | None) -> SessionFields:
+        doc = _validate(SessionFields, _object(body))
+        if doc.project_id is not None and doc.project_id != caller.project_id:
+            raise BadRequest(f"project_id must be {caller.project_id} (the caller's project)")
+        if session_id is not None and doc.session_id not in (None, session_id):
+            raise BadRequest(f"session_id must be {session_id} (the session in the path)")
+        return doc
+
+    # Sessions -------------------------------------------------------------------------
+
+    async def list_sessions(self, request: Request) -> Response:
+        caller = self.caller(request)
+        limit = _query_int(request, "limit", 10) or 10  # freezer-api: limit=0 means 10
+        offset = _query_int(request, "offset", 0)
+        body = await self.body(request, required=False)
+        filters: dict[str, list[dict[str, Any]]] = {"match": [], "match_not": []}
+        if body is not None:
+            unknown = set(_object(body)) - _FILTER_KEYS
+            if unknown:
+                raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+            for key in _FILTER_KEYS & set(body):
+                value = body[key]
+                if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+                    raise BadRequest(f"{key} must be a list of objects {{field: value}}")
+                fields = {name for m in value for name in m}
+                if fields - DOCUMENT_FIELDS:
+                    bad = ", ".join(sorted(fields - DOCUMENT_FIELDS))
+                    raise BadRequest(f"{key}: unknown field(s): {bad}")
+                filters[key] = value
+        # One read per session: off the event loop, so a long list never stalls the others.
+        sessions = await run_in_threadpool(
+            self.store.list_sessions,
+            caller.project_id,
+            limit=limit,
+            offset=offset,
+            match=filters["match"],
+            match_not=filters["match_not"],
+        )
+        return _json(200, {"sessions": sessions})
+
+    async def create_session(self, request: Request) -> Response:
+        caller = self.caller(request)
+        request_id = _request_id(request)
+        doc = self.document(await self.body(request, required=True), caller, None)
+        doc = self._recorded_user(doc, caller)
+        cmd = CreateCommand(
+            request_id=request_id,
+            reply_to=None,
+            project_id=caller.project_id,
+            document=doc,
+            user_id=caller.user_id,
+        )
+        reply = self.store.create(cmd).raise_for_error()
+        return _json(201, {"session_id": reply.session_id})
+
+    async def get_session(self, request: Request) -> Response:
+        caller = self.caller(request)
+        session_id = _path_id(request, "session_id")
+        doc = self.store.get(caller.project_id, session_id)
+        if doc is None:
+            raise NotFound(f"session {session_id} does not exist")
+        return _json(200, doc)
+
+    async def update_session(self, request: Request) -> Response:
+        caller = self.caller(request)
+        session_id = _path_id(request, "session_id")
+        request_id = _request_id(request)
+        patch = self.document(await self.body(request, required=True), caller, session_id)
+        # As in freezer-api, a patch never changes who created the session.
+        patch = patch.model_copy(update={"user_id": None})
+        cmd = UpdateCommand(
+            request_id=request_id,
+            reply_to=None,
+            project_id=caller.project_id,
+            session_id=session_id,
+            patch=patch,
+        )
+        reply = self.store.update(cmd).raise_for_error()
+        return _json(200, {"session_id": session_id, "version": reply.version})
+
+    async def replace_session(self, request: Request) -> Response:
+        caller = self.caller(request)
+        session_id = _path_id(request, "session_id")
+        request_id = _request_id(request)
+        doc = self.document(await self.body(request, required=True), caller, session_id)
+        doc = self._recorded_user(doc, caller)
+        cmd = ReplaceCommand(
+            request_id=request_id,
+            reply_to=None,
+            project_id=caller.project_id,
+            session_id=session_id,
+            document=doc,
+            user_id=caller.user_id,
+        )
+        reply = self.store.replace(cmd).raise_for_error()
+        return _json(201, {"session_id": session_id, "version": reply.version})
+
+    async def delete_session(self, request: Request) -> Response:
+        caller = self.caller(request)
+        session_id = _path_id(request, "session_id")
+        cmd = DeleteCommand(
+            request_id=_request_id(request),
+            reply_to=None,
+            project_id=caller.project_id,
+            session_id=session_id,
+        )
+        self.store.delete(cmd).raise_for_error()
+        return Response(status_code=_NO_CONTENT)
+
+    @staticmethod
+    def _recorded_user(doc: SessionFields, caller: Caller) -> SessionFields:
+        """With auth on, the token's user is recorded as the creator (as freezer-api does)."""
+        if caller.user_id:
+            return doc.model_copy(update={"user_id": caller.user_id})
+        return doc
+
+    # Actions (the hot path: one script call) -----------------------------------------
+
+    async def action(self, request: Request) -> Response:
+        caller = self.caller(request)
+        session_id = _path_id(request, "session_id")
+        request_id = _request_id(request)
+        body = await self.body(request, required=True)
+        if not isinstance(body, dict) or len(body) != 1:
+            raise BadRequest(f"the body must be exactly one action: {_ACTION_SHAPES}")
+        ((name, params),) = body.items()
+        fields = ACTIONS.get(name)
+        if fields is None:
+            raise BadRequest(f"unknown action {name!r}; known actions: {', '.join(ACTIONS)}")
+        params = _object(params, f"{name}")
+        unknown = sorted(set(params) - set(fields))
+        if unknown:
+            raise BadRequest(f"unknown field(s): {', '.join(f'{name}.{u}' for u in unknown)}")
+        data = {
+            **params,
+            "request_id": request_id,
+            "reply_to": None,
+            "project_id": caller.project_id,
+            "session_id": session_id,
+        }
+        if name == "start":
+            reply = self.store.start(_validate(StartCommand, data, f"{name}."))
+        else:
+            reply = self.store.end(_validate(EndCommand, data, f"{name}."))
+        reply.raise_for_error()
+        return _json(202, {"result": reply.result, "session_tag": reply.session_tag})
+
+    # Jobs -----------------------------------------------------------------------------
+
+    async def add_job(self, request: Request) -> Response:
+        caller = self.caller(request)
+        session_id = _path_id(request, "session_id")
+        job_id = _path_id(request, "job_id")
+        request_id = _request_id(request)
+        body = await self.body(request, required=False)
+        client_id: Any = ""
+        if body is not None:
+            body = _object(body)
+            unknown = set(body) - {"client_id"}
+            if unknown:
+                raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+            client_id = body.get("client_id", "")
+        cmd = _validate(
+            AddJobCommand,
+            {
+                "request_id": request_id,
+                "reply_to": None,
+                "project_id": caller.project_id,
+                "session_id": session_id,
+                "job_id": job_id,
+                "client_id": client_id,
+            },
+        )
+        self.store.add_job(cmd).raise_for_error()
+        return Response(status_code=_NO_CONTENT)
+
+    async def remove_job(self, request: Request) -> Response:
+        caller = self.caller(request)
+        session_id = _path_id(request, "session_id")
+        job_id = _path_id(request, "job_id")
+        cmd = RemoveJobCommand(
+            request_id=_request_id(request),
+            reply_to=None,
+            project_id=caller.project_id,
+            session_id=session_id,
+            job_id=job_id,
+        )
+        self.store.remove_job(cmd).raise_for_error()
+        return Response(status_code=_NO_CONTENT)
+
+    # Runs -----------------------------------------------------------------------------
+
+    async def list_runs(self, request: Request) -> Response:
+        caller = self.caller(request)
+        session_id = _path_id(request, "session_id")
+        runs = self.store.runs(caller.project_id, session_id)
+        if runs is None:
+            raise NotFound(f"session {session_id} does not exist")
+        return _json(200, {"runs": runs})
+
+    async def get_run(self, request: Request) -> Response:
+        caller = self.caller(request)
+        session_id = _path_id(request, "session_id")
+        raw_tag: str = request.path_params["tag"]
+        if _TAG.fullmatch(raw_tag) is None or int(raw_tag) > _MAX_INT:
+            raise NotFound(f"no such run: {raw_tag!r}")
+        runs = self.store.runs(caller.project_id, session_id, int(raw_tag))
+        if runs is None:
+            raise NotFound(f"session {session_id} does not exist")
+        if not runs:
+            raise NotFound(f"run {int(raw_tag)} of session {session_id} is not in the history")
+        return _json(200, runs[0])
+
+
+# Documentation models (OpenAPI only; validation uses the command models) ----------------
+
+
+class ErrorBody(BaseModel):
+    title: str
+    description: str
+
+
+class SessionCreated(BaseModel):
+    session_id: str
+
+
+class SessionVersion(BaseModel):
+    session_id: str
+    version: int
+
+
+class ActionReply(BaseModel):
+    result: Literal["success", "hold-off", "out-of-sync"]
+    session_tag: int
+
+
+class SessionList(BaseModel):
+    sessions: list[dict[str, Any]]
+
+
+class RunList(BaseModel):
+    runs: list[dict[str, Any]]
+
+
+class StartParams(BaseModel):
+    job_id: Id
+    current_tag: Count
+
+
+class EndParams(BaseModel):
+    job_id: Id
+    current_tag: Count | None = None
+    result: EndResult
+
+
+class ActionRequest(BaseModel):
+    """Exactly one of `start` or `end`."""
+
+    start: StartParams | None = None
+    end: EndParams | None = None
+
+
+class JobRequest(BaseModel):
+    """Optional body of PUT .../jobs/{job_id}."""
+
+    client_id: str = Field(default="", pattern=r"^[A-Za-z0-9_-]{0,64}$")
+
+
+class SessionFilter(BaseModel):
+    """Optional body of GET .../sessions: every `match` entry must equal, no `match_not` may."""
+
+    match: list[dict[str, Any]] = []
+    match_not: list[dict[str, Any]] = []
+
+
+_REQUEST_MODELS: dict[str, type[BaseModel]] = {
+    "SessionFields": SessionFields,
+    "ActionRequest": ActionRequest,
+    "JobRequest": JobRequest,
+    "SessionFilter": SessionFilter,
+}
+
+
+@dataclass(frozen=True)
+class _Op:
+    method: str
+    suffix: str
+    handler: str
+    status: int
+    summary: str
+    reply: type[BaseModel] | None = None
+    body: str | None = None
+    body_required: bool = True
+    mutation: bool = False
+
+
+# Registration order is matching order: the hot path (actions) comes first.
+# fmt: off
+_OPS = (
+    _Op("POST", "/sessions/{session_id}/action", "action", 202, "Start or end a job's run",
+        ActionReply, "ActionRequest", mutation=True),
+    _Op("POST", "/sessions/{session_id}/actions", "action", 202,
+        "Start or end a job's run (alias of .../action)", ActionReply, "ActionRequest",
+        mutation=True),
+    _Op("GET", "/sessions", "list_sessions", 200, "List sessions", SessionList,
+        "SessionFilter", body_required=False),
+    _Op("POST", "/sessions", "create_session", 201, "Create a session", SessionCreated,
+        "SessionFields", mutation=True),
+    _Op("GET", "/sessions/{session_id}", "get_session", 200, "Get a session"),
+    _Op("PATCH", "/sessions/{session_id}", "update_session", 200, "Update a session",
+        SessionVersion, "SessionFields", mutation=True),
+    _Op("POST", "/sessions/{session_id}", "replace_session", 201,
+        "Create or replace a session", SessionVersion, "SessionFields", mutation=True),
+    _Op("DELETE", "/sessions/{session_id}", "delete_session", 204, "Delete a session",
+        mutation=True),
+    _Op("PUT", "/sessions/{session_id}/jobs/{job_id}", "add_job", 204,
+        "Add a job to a session", None, "JobRequest", body_required=False, mutation=True),
+    _Op("DELETE", "/sessions/{session_id}/jobs/{job_id}", "remove_job", 204,
+        "Remove a job from a session", mutation=True),
+    _Op("GET", "/sessions/{session_id}/runs", "list_runs", 200, "Run history", RunList),
+    _Op("GET", "/sessions/{session_id}/runs/{tag}", "get_run", 200, "One run of the history"),
+)
+# fmt: on
+
+_FAMILIES = (("v2", "/v2/{project_id}"), ("v1", "/v1"))
+
+_ERROR_STATUSES = {
+    400: "Bad request (malformed JSON, invalid fields, tag too high, job not in session)",
+    401: "Missing or unknown X-Auth-Token",
+    403: "The token belongs to another project",
+    404: "No such session (or run)",
+    409: "The session already exists",
+    413: "Body over the configured limit",
+    415: "Content-Type is not application/json",
+    422: "Idempotency-Key reused for a different command",
+    503: "Redis cannot be reached in time (retry with the same Idempotency-Key)",
+}
+
+
+def _openapi_extra(op: _Op, path: str) -> dict[str, Any]:
+    params: list[dict[str, Any]] = []
+    for name in re.findall(r"{(\w+)}", path):
+        schema = {"type": "integer"} if name == "tag" else {"type": "string", "pattern": ID_PATTERN}
+        params.append({"name": name, "in": "path", "required": True, "schema": schema})
+    params.append(
+        {
+            "name": "X-Auth-Token",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string"},
+            "description": "Required when auth is configured",
+        }
+    )
+    if op.mutation:
+        params.append(
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string", "pattern": ID_PATTERN},
+                "description": "The request id: a retry with the same key is applied once",
+            }
+        )
+    if op.handler == "list_sessions":
+        for name, default in (("limit", 10), ("offset", 0)):
+            params.append(
+                {
+                    "name": name,
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "integer", "minimum": 0, "default": default},
+                }
+            )
+    extra: dict[str, Any] = {"parameters": params}
+    if op.body is not None:
+        extra["requestBody"] = {
+            "required": op.body_required,
+            "content": {_JSON: {"schema": {"$ref": f"#/components/schemas/{op.body}"}}},
+        }
+    return extra
+
+
+def _responses(op: _Op) -> dict[int | str, dict[str, Any]]:
+    responses: dict[int | str, dict[str, Any]] = {}
+    if op.reply is not None:
+        responses[op.status] = {"model": op.reply, "description": HTTPStatus(op.status).phrase}
+    else:
+        responses[op.status] = {"description": HTTPStatus(op.status).phrase}
+    for status, description in _ERROR_STATUSES.items():
+        responses[status] = {"model": ErrorBody, "description": description}
+    return responses
+
+
+# Error handlers ------------------------------------------------------------------------
+
+_UNAVAILABLE: tuple[type[Exception], ...] = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.BusyLoadingError,
+    redis_errors.ReadOnlyError,
+    redis_errors.TryAgainError,
+    redis_errors.ClusterDownError,
+    redis_errors.MasterDownError,
+)
+
+
+_STATUSES = frozenset(status.value for status in HTTPStatus)
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves on this path (a 405's Allow header)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods:
+            match, _ = route.matches(request.scope)
+            if match is not Match.NONE:
+                methods |= route.methods
+    return ", ".join(sorted(methods))
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def domain_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, SessionWorkerError)
+        headers = exc.headers if isinstance(exc, ApiError) else None
+        return _error(exc.status, exc.title, exc.description, headers)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        status = exc.status_code
+        headers = dict(exc.headers or {})
+        if status == 404:
+            title, description = NotFound.title, f"no such resource: {request.url.path}"
+        elif status == 405:
+            methods = _allowed_methods(request) or headers.get("Allow", "")
+            headers["Allow"] = methods
+            title = "Method not allowed"
+            description = f"{request.method} is not allowed here; allowed: {methods}"
+        else:
+            title = HTTPStatus(status).phrase if status in _STATUSES else "Error"
+            description = str(exc.detail)
+        return _error(status, title, description, headers)
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        parts = [
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}"
+            for e in exc.errors()
+        ]
+        return _error(400, BadRequest.title, "; ".join(parts) or "invalid request")
+
+    async def unavailable(request: Request, exc: Exception) -> Response:
+        log.warning("redis unavailable: %s", type(exc).__name__)
+        return _error(
+            503,
+            "Service unavailable",
+            "the session store cannot be reached; retry with the same Idempotency-Key",
+            {"Retry-After": "1"},
+        )
+
+    async def disconnected(request: Request, exc: Exception) -> Response:
+        return _error(400, BadRequest.title, "the client went away while sending the body")
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        return _error(500, "Internal error", "an unexpected error occurred on the server")
+
+    app.add_exception_handler(SessionWorkerError, domain_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(ClientDisconnect, disconnected)
+    for exc_type in _UNAVAILABLE:
+        app.add_exception_handler(exc_type, unavailable)
+    app.add_exception_handler(Exception, unexpected)
+
+
+# Building and serving ------------------------------------------------------------------
+
+
+def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
+    """The shim as an ASGI app; `store` defaults to one over a client made from settings."""
+    settings = settings or (store.settings if store is not None else get_settings())
+    owned = store is None
+    if store is None:
+        store = Store(make_redis(settings), settings)
+    shim = Shim(store, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owned:
+            shim.store.client.close()
+
+    app = FastAPI(
+        title="session-worker",
+        version=__version__,
+        description=(
+            "freezer-api compatible sessions API (v2, `/v2/{project_id}/sessions`) and the "
+            "same routes under `/v1/sessions` (project from the token). Errors are "
+            '`{"title", "description"}`.'
+        ),
+        redirect_slashes=False,
+        lifespan=lifespan,
+    )
+    app.state.shim = shim
+    # Requests are served by plain routes whose handlers take only the request (no
+    # dependency solving on the hot path); the OpenAPI document is built from APIRoutes made
+    # from the same table, which are never mounted.
+    documented: list[BaseRoute] = []
+    for op in _OPS:
+        for family, prefix in _FAMILIES:
+            path = prefix + op.suffix
+            endpoint: Callable[[Request], Awaitable[Response]] = getattr(shim, op.handler)
+            name = f"{family}_{op.handler}"
+            for variant in (path, path + "/"):
+                app.router.routes.append(Route(variant, endpoint, methods=[op.method], name=name))
+            documented.append(
+                APIRoute(
+                    path,
+                    endpoint,
+                    methods=[op.method],
+                    status_code=op.status,
+                    summary=op.summary,
+                    name=name,
+                    tags=[f"sessions ({family})"],
+                    responses=_responses(op),
+                    openapi_extra=_openapi_extra(op, path),
+                    response_class=Response,
+                )
+            )
+    _install_error_handlers(app)
+    _install_openapi(app, documented)
+    return app
+
+
+def _install_openapi(app: FastAPI, routes: list[BaseRoute]) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=routes,
+            )
+            _, defs = models_json_schema(
+                [(model, "validation") for model in _REQUEST_MODELS.values()],
+                ref_template="#/components/schemas/{model}",
+            )
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name, definition in defs.get("$defs", {}).items():
+                components.setdefault(name, definition)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def app_from_environment() -> FastAPI:
+    """uvicorn factory for worker processes: the settings serve() handed down, else the env."""
+    raw = os.environ.get(_SETTINGS_ENV)
+    settings = Settings.model_validate_json(raw) if raw else get_settings()
+    return create_app(settings)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(settings: Settings, host: str) -> None:
+    """Refuse to serve without auth on anything but loopback (SPEC §7)."""
+    if settings.auth_tokens or _is_loopback(host):
+        return
+    if settings.insecure_no_auth:
+        log.warning("serving on %s without authentication (insecure_no_auth is set)", host)
+        return
+    raise SystemExit(
+        f"refusing to serve on {host} without authentication: configure "
+        "SESSION_WORKER_AUTH_TOKENS, bind to 127.0.0.1, or set "
+        "SESSION_WORKER_INSECURE_NO_AUTH=true to accept the risk"
+    )
+
+
+def serve(
+    settings: Settings | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    workers: int | None = None,
+    *,
+    access_log: bool = False,
+) -> None:
+    """Run the shim under uvicorn (uvloop and httptools when installed) until stopped."""
+    import importlib.util
+
+    import uvicorn
+
+    settings = settings or get_settings()
+    host = host or settings.http_host
+    port = settings.http_port if port is None else port
+    workers = workers or settings.http_workers
+    check_bind(settings, host)
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    options: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "loop": loop,
+        "http": http,
+        "access_log": access_log,
+        "server_header": False,
+        "log_level": "info",
+    }
+    if workers > 1:
+        os.environ[_SETTINGS_ENV] = settings.model_dump_json()
+        uvicorn.run(f"{__name__}:app_from_environment", factory=True, workers=workers, **options)
+    else:
+        uvicorn.run(create_app(settings), **options)
+
+
+__all__ = ["Auth", "Caller", "Shim", "app_from_environment", "check_bind", "create_app", "serve"]
