@@ -643,6 +643,18 @@ def test_a_late_end_of_a_job_that_was_not_a_member_records_nothing(
     assert started.version() == version
 
 
+def test_an_end_from_a_non_member_stays_out_of_the_runs_history(started: Session) -> None:
+    """SPEC §4: a run's history lists its member jobs only."""
+    started.add("d")
+    assert result_of(started.end("d", "success")) == ("success", 1)
+    assert "d" not in started.run(1)["jobs"]
+    started.end("a", "success")
+    started.end("b", "success")
+    started.end("c", "success")
+    assert (started.doc()["status"], started.doc()["result"]) == ("completed", "success")
+    assert set(started.run(1)["jobs"]) == {"a", "b", "c"}
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="a document write that lowers session_tag (a replace without session_tag resets "

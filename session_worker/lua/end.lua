@@ -57,7 +57,8 @@ if st.member and s.status == 'running' then
 end
 e.r, e.s, e.x, e.ts, e.te = tag, 'completed', result, st.ts, NOW
 put_job(job_id, e)
-if s.status ~= '' and tag >= 1 then write_run_job(tag, job_id, e) end
+-- The run's history lists its members only (a job added during the run is not one).
+if st.member and tag >= 1 then write_run_job(tag, job_id, e) end
 bump_version(s)
 publish({event = 'job_ended', job_id = job_id, session_tag = tag, result = result})
 recompute(s)
