@@ -488,6 +488,36 @@ def test_update_of_job_results_can_complete_the_run(store: Store, s1: str) -> No
     store.update(update_cmd(s1, jobs={"a": done})).raise_for_error()
     doc = store.get(PROJECT, s1)
     assert doc is not None and (doc["status"], doc["result"]) == ("completed", "success")
+    # The run's history entry shows the states the patch wrote (SPEC §4: updated with every
+    # change), not the members as never started.
+    runs = store.runs(PROJECT, s1, 1)
+    assert runs is not None
+    assert (runs[0]["status"], runs[0]["result"]) == ("completed", "success")
+    assert {job: (e["status"], e["result"]) for job, e in runs[0]["jobs"].items()} == {
+        job: ("completed", "success") for job in ("a", "b", "c")
+    }
+
+
+def test_a_created_running_session_shows_its_jobs_in_the_run_history(store: Store) -> None:
+    jobs = {
+        "a": JobEntry(status="completed", result="success", time_started=T0, time_ended=T0),
+        "b": JobEntry(status="running", time_started=T0),
+    }
+    document = SessionFields(
+        session_id="s", session_tag=2, status="running", time_start=T0, jobs=jobs
+    )
+    store.create(
+        CreateCommand(request_id=new_id(), project_id=PROJECT, document=document)
+    ).raise_for_error()
+    runs = store.runs(PROJECT, "s", 2)
+    assert runs is not None
+    assert {job: (e["status"], e["result"]) for job, e in runs[0]["jobs"].items()} == {
+        "a": ("completed", "success"),
+        "b": ("running", ""),
+    }
+    store.end(end_cmd("s", "b")).raise_for_error()
+    runs = store.runs(PROJECT, "s", 2)
+    assert runs is not None and (runs[0]["status"], runs[0]["result"]) == ("completed", "success")
 
 
 def test_update_sets_a_run_deadline(store: Store, s1: str, clock: Clock) -> None:

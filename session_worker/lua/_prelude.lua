@@ -307,6 +307,7 @@ end
 
 -- Merge per-job fields from a document's `jobs` object; `member_of` is the first run a job
 -- new to the session belongs to. Fields not given keep their value (or the new-job default).
+-- Call after apply_fields (membership depends on the session's status and tag).
 local function merge_jobs(s, jobs, member_of)
   for job_id, given in pairs(jobs) do
     local e = get_job(job_id)
@@ -323,6 +324,8 @@ local function merge_jobs(s, jobs, member_of)
     if given.time_started ~= nil then e.ts = given.time_started end
     if given.time_ended ~= nil then e.te = given.time_ended end
     put_job(job_id, e)
+    -- The current run's history shows the state the document gives its members.
+    if is_member(s, e) and s.session_tag >= 1 then write_run_job(s.session_tag, job_id, e) end
   end
 end
 
