@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 import orjson
@@ -587,6 +588,17 @@ def test_a_changed_end_result_is_counted_once(started: Session) -> None:
     assert (started.doc()["status"], started.doc()["result"]) == ("completed", "success")
 
 
+def test_an_end_after_the_run_completed_never_changes_its_result(started: Session) -> None:
+    """SPEC §3: the run's result is recomputed only while it is running."""
+    for job in ("a", "b", "c"):
+        started.end(job, "success")
+    assert result_of(started.end("a", "fail")) == ("success", 1)
+    doc = started.doc()
+    assert (doc["status"], doc["result"]) == ("completed", "success")
+    assert doc["jobs"]["a"]["result"] == "fail"  # the job's own latest report
+    assert started.run(1)["result"] == "success"
+
+
 def test_a_late_end_goes_only_into_its_runs_history(started: Session, clock: Clock) -> None:
     started.start("b", 0)
     started.end("c", "success")
@@ -689,6 +701,43 @@ def test_rounds_complete_after_a_replace_that_omits_the_tag(
             s.end(job, "success")
         assert (s.doc()["status"], s.doc()["result"]) == ("completed", "success")
         clock.advance(HOLD_OFF + 1)
+
+
+def test_a_late_end_for_a_run_evicted_from_history_records_nothing(
+    s: Session, clock: Clock, store: Store, backend: redis.Redis
+) -> None:
+    s.create(["a", "b"])
+    for tag in range(5):
+        s.start("a", tag)
+        clock.advance(HOLD_OFF + 1)
+    assert [r["session_tag"] for r in store.runs(PROJECT, s.id) or []] == [3, 4, 5]
+    version = s.version()
+    assert result_of(s.end("b", "success", tag=1)) == ("out-of-sync", 5)
+    assert s.version() == version
+    assert store.runs(PROJECT, s.id, 1) == []
+    keys = store.keys.session(PROJECT, s.id)
+    assert not backend.hexists(keys.run_jobs, "1:b")
+
+
+def test_concurrent_starts_bump_the_tag_once_and_concurrent_ends_lose_nothing(
+    s: Session, store: Store
+) -> None:
+    jobs = [f"job-{i}" for i in range(16)]
+    s.create(jobs)
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        starts = list(pool.map(lambda job: s.start(job, 0), jobs))
+    assert {result_of(reply) for reply in starts} == {("success", 1)}
+    doc = s.doc()
+    assert doc["session_tag"] == 1
+    assert {e["status"] for e in doc["jobs"].values()} == {"running"}
+    assert len(store.runs(PROJECT, s.id) or []) == 1
+    results = {job: "fail" if i == 3 else "success" for i, job in enumerate(jobs)}
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        ends = list(pool.map(lambda job: s.end(job, results[job]), jobs))
+    assert all(reply.ok for reply in ends)
+    run = s.run(1)
+    assert (run["status"], run["result"]) == ("completed", "fail")
+    assert {job: e["result"] for job, e in run["jobs"].items()} == results
 
 
 # run deadline --------------------------------------------------------------------------------
