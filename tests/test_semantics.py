@@ -501,6 +501,26 @@ def test_removing_a_failed_member_does_not_leave_its_failure_behind(started: Ses
     assert (started.doc()["status"], started.doc()["result"]) == ("completed", "success")
 
 
+def test_a_removed_member_leaves_the_running_runs_history(started: Session) -> None:
+    started.start("b", 0)
+    started.end("c", "fail")
+    started.remove("b")  # running
+    started.remove("c")  # completed with a failure
+    started.end("a", "success")
+    run = started.run(1)
+    assert (run["status"], run["result"]) == ("completed", "success")
+    assert set(run["jobs"]) == {"a"}
+
+
+def test_a_job_removed_after_its_run_completed_stays_in_that_runs_history(
+    started: Session,
+) -> None:
+    for job in ("a", "b", "c"):
+        started.end(job, "success")
+    started.remove("b")
+    assert set(started.run(1)["jobs"]) == {"a", "b", "c"}
+
+
 def test_removing_the_last_job_leaves_the_run_open(s: Session) -> None:
     s.create(["a"])
     s.start("a", 0)

@@ -4,8 +4,9 @@
 -- ARGV[10] job_id
 --
 -- Returns the reply JSON: ok + removed (false when the job was not there: nothing changes);
--- or not_found, idempotency_mismatch. Removing a member that had not completed may complete
--- the run; removing the last member leaves the run open for its deadline.
+-- or not_found, idempotency_mismatch. Removing a member of the running run takes it out of
+-- the run (and its history): that may complete the run; removing the last member leaves the
+-- run open for its deadline.
 
 local s, early = open_session()
 if not s then return early end
@@ -21,6 +22,10 @@ if st.member and s.status == 'running' then
     set(s, 'done', s.done - 1)
     if st.x ~= 'success' then set(s, 'failed', s.failed - 1) end
   end
+  -- No longer a member of the run: out of its history too (which lists members only).
+  local field = string.format('%d', s.session_tag) .. ':' .. job_id
+  redis.call('HDEL', KEYS[4], field)
+  redis.call('ZREM', KEYS[5], field)
 end
 redis.call('HDEL', KEYS[2], job_id)
 bump_version(s)
