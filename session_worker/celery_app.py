@@ -1,0 +1,101 @@
+"""The Celery app, configured from Settings: `celery -A session_worker.celery_app worker`.
+
+Delivery guarantees and their costs, in one place:
+
+- JSON only. A pickled message is refused by the worker (kombu raises ContentDisallowed and
+  the message is dropped), because unpickling runs code chosen by whoever can write to the
+  broker.
+- At least once, applied exactly once. ``task_acks_late`` acknowledges a message only after
+  its command ran, and ``task_reject_on_worker_lost`` puts it back when the pool process
+  running it dies. A redelivered command is answered from its request record (SPEC §5), so
+  running it twice is safe.
+- ``visibility_timeout`` (``SESSION_WORKER_VISIBILITY_TIMEOUT``, seconds): a message taken by
+  a worker that died without acknowledging it (machine lost, SIGKILL of the whole worker) is
+  handed to another worker after this long. Every live worker sweeps for such messages every
+  ``min(10, visibility_timeout / 3)`` seconds, so redelivery happens between
+  ``visibility_timeout`` and about ``4/3 * visibility_timeout`` after the first delivery. It
+  must exceed the longest time a message legitimately stays unacknowledged: a command runs
+  for milliseconds, but a retry waits up to ``tasks.RETRY_BACKOFF_MAX`` seconds; a shorter
+  timeout only costs duplicate deliveries, which the request records absorb.
+- No result backend: the command's script pushes its reply to the caller's reply list
+  (replies.py), which is cheaper than a result backend and survives a late listener.
+- Workers started while Redis is down keep trying to connect, and start consuming once it
+  is up (``broker_connection_retry_on_startup``, ``broker_connection_max_retries=None``).
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from .connection import redis_url
+from .settings import Settings, get_settings
+
+TASK_PREFIX = "session_worker."
+# How often (seconds, at most) a worker looks for messages whose worker died.
+MAX_RESTORE_INTERVAL = 10.0
+
+
+def task_name(kind: str) -> str:
+    """The Celery task name of a command kind, e.g. ``session_worker.start``."""
+    return TASK_PREFIX + kind
+
+
+def broker_transport_options(settings: Settings) -> dict[str, object]:
+    restore_interval = max(1.0, min(MAX_RESTORE_INTERVAL, settings.visibility_timeout / 3))
+    return {
+        "visibility_timeout": settings.visibility_timeout,
+        # Sweep for abandoned messages every `restore_interval` seconds (kombu otherwise
+        # scans only every tenth sweep, i.e. every 100 s).
+        "unacked_restore_interval": restore_interval,
+        "unacked_restore_throttle": 1,
+        # A publish or an ack on a connection that died silently fails instead of hanging.
+        "socket_timeout": settings.redis_socket_timeout,
+        "socket_connect_timeout": settings.redis_connect_timeout,
+    }
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    """A Celery app for workers and senders, configured from `settings`."""
+    settings = settings or get_settings()
+    app = Celery("session_worker", set_as_current=False)
+    app.conf.update(
+        broker_url=redis_url(settings),
+        broker_transport_options=broker_transport_options(settings),
+        broker_connection_retry=True,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        # Producer connections kept per process; a sender thread beyond this waits for one.
+        broker_pool_limit=16,
+        # Serialisation: JSON in and out, nothing else accepted.
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        result_accept_content=["json"],
+        event_serializer="json",
+        # No result backend: replies travel on our reply lists.
+        result_backend=None,
+        task_ignore_result=True,
+        # Delivery (see the module docstring).
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        # A task cut off by a lost broker connection is redelivered anyway; with acks_late
+        # that is what Celery 6 will do by default.
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # Routing: every session_worker.* task on the configured queue.
+        task_default_queue=settings.queue,
+        task_routes={TASK_PREFIX + "*": {"queue": settings.queue}},
+        # Operations.
+        worker_hijack_root_logger=False,
+        worker_send_task_events=True,  # Flower
+        worker_disable_rate_limits=True,
+        include=["session_worker.tasks"],
+    )
+    # The Settings the tasks of this app use (tasks.py).
+    app.session_worker_settings = settings
+    return app
+
+
+# What `celery -A session_worker.celery_app worker` runs: configured from the environment.
+app = make_app()
+app.set_current()
