@@ -211,9 +211,11 @@ end
 -- The session this call loaded; finish() saves its changes together with the reply.
 local CURRENT = nil
 
-local function push_reply(reply)
+-- Push the reply for the caller; `behind` keeps a reply already waiting there in front (a
+-- refused reuse of the request id must not take the first caller's reply away).
+local function push_reply(reply, behind)
   if REQUEST_ID == '' or REPLY_TTL == 0 then return end
-  redis.call('DEL', KEYS[8])
+  if not behind then redis.call('DEL', KEYS[8]) end
   redis.call('RPUSH', KEYS[8], reply)
   redis.call('EXPIRE', KEYS[8], REPLY_TTL)
 end
@@ -245,7 +247,7 @@ end
 local function refuse(code, description)
   local reply = cjson.encode({request_id = REQUEST_ID, session_id = SESSION, ok = false,
                               error = {code = code, description = description}})
-  push_reply(reply)
+  push_reply(reply, true)
   return reply
 end
 
