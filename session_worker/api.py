@@ -32,6 +32,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, ValidationError
 from pydantic.json_schema import models_json_schema
+from redis import Redis
 from redis import exceptions as redis_errors
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -243,11 +244,30 @@ def _query_int(request: Request, name: str, default: int) -> int:
 class Shim:
     """Route handlers over one store. Every handler takes only the request (lean hot path)."""
 
-    def __init__(self, store: Store, settings: Settings) -> None:
-        self.store = store
+    def __init__(self, settings: Settings, store: Store | None = None) -> None:
         self.settings = settings
         self.auth = Auth(settings.auth_tokens, settings.default_project)
         self.max_body = settings.max_body_bytes
+        self._store = store
+        self._owned: Redis | None = None
+
+    @property
+    def store(self) -> Store:
+        """The given store, or one over this process's own connection, made on first use."""
+        if self._store is None:
+            # Handlers call the store right on the event loop, one call at a time, so one
+            # connection per process serves them all without a pool checkout per call (the
+            # pool's health check costs a system call). It connects on first use: the shim
+            # starts while Redis is down and answers 503 until it is back.
+            pool = make_redis(self.settings).connection_pool
+            self._owned = Redis(connection_pool=pool, single_connection_client=True)
+            self._store = Store(self._owned, self.settings)
+        return self._store
+
+    def close(self) -> None:
+        if self._owned is not None:
+            self._owned.close()
+            self._owned.connection_pool.disconnect()
 
     # Helpers --------------------------------------------------------------------------
 
@@ -762,18 +782,14 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
-    """The shim as an ASGI app; `store` defaults to one over a client made from settings."""
+    """The shim as an ASGI app; `store` defaults to one over a connection made from settings."""
     settings = settings or (store.settings if store is not None else get_settings())
-    owned = store is None
-    if store is None:
-        store = Store(make_redis(settings), settings)
-    shim = Shim(store, settings)
+    shim = Shim(settings, store)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        if owned:
-            shim.store.client.close()
+        shim.close()
 
     app = FastAPI(
         title="session-worker",

@@ -10,6 +10,7 @@ import asyncio
 import socket
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,6 +28,7 @@ from session_worker.models import (
     SessionFields,
     StartCommand,
 )
+from session_worker.redis_server import ServerKind, ServerProcess
 from session_worker.settings import Settings, TokenGrant
 from session_worker.store import Store
 
@@ -695,6 +697,27 @@ def test_redis_out_of_reach_is_503_with_retry_after(settings: Settings) -> None:
     finally:
         api.close()
         dead.close()
+
+
+def test_the_shim_starts_without_redis_and_serves_once_it_is_up(
+    server_kind: ServerKind, tmp_path: Path
+) -> None:
+    port = _closed_port()
+    settings = Settings(redis_url=f"redis://127.0.0.1:{port}/0", redis_connect_timeout=0.2)
+    app = create_app(settings)
+    api = Api(app)
+    try:
+        response = api.get(f"{V2}/s1")
+        assert_error(response, 503)
+        assert response.headers["retry-after"] == "1"
+        with ServerProcess(server_kind, tmp_path, port=port) as server:
+            assert_error(api.get(f"{V2}/s1"), 404)
+            assert api.post(V2, json={"session_id": "s1"}).status_code == 201
+            server.restart()  # a server without persistence: it comes back empty
+            assert api.post(V2, json={"session_id": "s2"}).status_code == 201
+    finally:
+        api.close()
+        app.state.shim.close()
 
 
 class _Broken(Store):
