@@ -9,6 +9,12 @@ Mutations are store commands, the same scripts and request-id de-duplication the
 use, applied directly (one script call for start and end). Bodies are parsed here with
 orjson and validated with the wire models, so every error a client can cause is a 4xx with
 a JSON ``{"title", "description"}`` body; Redis out of reach is a 503 with ``Retry-After``.
+
+Handlers call the (synchronous) store right on the event loop: a start or end is one script
+call, cheaper inline than through a thread hop, and each process keeps one Redis connection.
+Only the list, which reads every session of a project, runs in the thread pool. Requests are
+routed by plain Starlette routes (no dependency injection); the OpenAPI document (/docs,
+/openapi.json) is built from the same route table.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -616,6 +616,21 @@ def test_a_wrong_method_is_405_with_allow(
     response = api.request(method, url, json={"start": {"job_id": "a", "current_tag": 0}})
     assert_error(response, 405)
     assert {m.strip() for m in response.headers["allow"].split(",")} == allowed
+    assert redis_state(client) == before
+
+
+def test_a_streamed_body_over_the_limit_is_413(api: Api, client: redis.Redis, s1: str) -> None:
+    """No Content-Length (chunked): the limit holds on what is actually read."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"description": "'
+        for _ in range(MAX_BODY // 512 + 1):
+            yield b"x" * 512
+        yield b'"}'
+
+    before = redis_state(client)
+    response = api.patch(f"{V2}/{s1}", content=chunks(), headers=JSON)
+    assert_error(response, 413)
     assert redis_state(client) == before
 
 
