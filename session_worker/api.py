@@ -181,6 +181,11 @@ def _path_id(request: Request, name: str) -> str:
     return value
 
 
+def _remembered(request: Request) -> bool:
+    """Only a call that can be repeated (it names its Idempotency-Key) leaves a request record."""
+    return "idempotency-key" in request.headers
+
+
 def _request_id(request: Request) -> str:
     key = request.headers.get("idempotency-key")
     if key is None:
@@ -362,7 +367,7 @@ class Shim:
             document=doc,
             user_id=caller.user_id,
         )
-        reply = self.store.create(cmd).raise_for_error()
+        reply = self.store.create(cmd, remember=_remembered(request)).raise_for_error()
         return _json(201, {"session_id": reply.session_id})
 
     async def get_session(self, request: Request) -> Response:
@@ -387,7 +392,7 @@ class Shim:
             session_id=session_id,
             patch=patch,
         )
-        reply = self.store.update(cmd).raise_for_error()
+        reply = self.store.update(cmd, remember=_remembered(request)).raise_for_error()
         return _json(200, {"session_id": session_id, "version": reply.version})
 
     async def replace_session(self, request: Request) -> Response:
@@ -404,7 +409,7 @@ class Shim:
             document=doc,
             user_id=caller.user_id,
         )
-        reply = self.store.replace(cmd).raise_for_error()
+        reply = self.store.replace(cmd, remember=_remembered(request)).raise_for_error()
         return _json(201, {"session_id": session_id, "version": reply.version})
 
     async def delete_session(self, request: Request) -> Response:
@@ -416,7 +421,7 @@ class Shim:
             project_id=caller.project_id,
             session_id=session_id,
         )
-        self.store.delete(cmd).raise_for_error()
+        self.store.delete(cmd, remember=_remembered(request)).raise_for_error()
         return Response(status_code=_NO_CONTENT)
 
     @staticmethod
@@ -451,9 +456,13 @@ class Shim:
             "session_id": session_id,
         }
         if name == "start":
-            reply = self.store.start(_validate(StartCommand, data, f"{name}."))
+            reply = self.store.start(
+                _validate(StartCommand, data, f"{name}."), remember=_remembered(request)
+            )
         else:
-            reply = self.store.end(_validate(EndCommand, data, f"{name}."))
+            reply = self.store.end(
+                _validate(EndCommand, data, f"{name}."), remember=_remembered(request)
+            )
         reply.raise_for_error()
         return _json(202, {"result": reply.result, "session_tag": reply.session_tag})
 
@@ -483,7 +492,7 @@ class Shim:
                 "client_id": client_id,
             },
         )
-        self.store.add_job(cmd).raise_for_error()
+        self.store.add_job(cmd, remember=_remembered(request)).raise_for_error()
         return Response(status_code=_NO_CONTENT)
 
     async def remove_job(self, request: Request) -> Response:
@@ -497,7 +506,7 @@ class Shim:
             session_id=session_id,
             job_id=job_id,
         )
-        self.store.remove_job(cmd).raise_for_error()
+        self.store.remove_job(cmd, remember=_remembered(request)).raise_for_error()
         return Response(status_code=_NO_CONTENT)
 
     # Runs -----------------------------------------------------------------------------

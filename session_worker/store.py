@@ -125,8 +125,16 @@ class Store:
         ]
         return self.scripts[script](keys=list(keys), args=argv)
 
-    def _command(self, kind: str, cmd: Command, session_id: str, args: Iterable[Any] = ()) -> Reply:
-        payload = cmd.model_dump(mode="json")
+    def _command(
+        self,
+        kind: str,
+        cmd: Command,
+        session_id: str,
+        args: Iterable[Any] = (),
+        remember: bool = True,
+    ) -> Reply:
+        """Run one command script. `remember=False` (an HTTP call without Idempotency-Key,
+        which nobody can repeat) skips the request record: no de-duplication, no memory."""
         reply_key = self.keys.reply(cmd.project_id, session_id, cmd.request_id)
         if cmd.reply_to is not None and cmd.reply_to != reply_key:
             return Reply.failure(
@@ -136,8 +144,8 @@ class Store:
             kind,
             cmd.project_id,
             session_id,
-            cmd.request_id,
-            fingerprint(kind, payload),
+            cmd.request_id if remember else "",
+            fingerprint(kind, cmd.model_dump(mode="json")) if remember else "",
             cmd.reply_to is not None,
             args,
         )
@@ -145,45 +153,55 @@ class Store:
 
     # Commands -----------------------------------------------------------------------------
 
-    def start(self, cmd: StartCommand) -> Reply:
-        reply = self._command("start", cmd, cmd.session_id, [cmd.job_id, cmd.current_tag])
+    def start(self, cmd: StartCommand, *, remember: bool = True) -> Reply:
+        reply = self._command(
+            "start", cmd, cmd.session_id, [cmd.job_id, cmd.current_tag], remember=remember
+        )
         self._schedule_deadline(cmd.project_id, cmd.session_id, reply)
         return reply
 
-    def end(self, cmd: EndCommand) -> Reply:
+    def end(self, cmd: EndCommand, *, remember: bool = True) -> Reply:
         tag = "" if cmd.current_tag is None else cmd.current_tag
-        return self._command("end", cmd, cmd.session_id, [cmd.job_id, tag, cmd.result])
+        return self._command(
+            "end", cmd, cmd.session_id, [cmd.job_id, tag, cmd.result], remember=remember
+        )
 
-    def add_job(self, cmd: AddJobCommand) -> Reply:
-        reply = self._command("add_job", cmd, cmd.session_id, [cmd.job_id, cmd.client_id])
+    def add_job(self, cmd: AddJobCommand, *, remember: bool = True) -> Reply:
+        reply = self._command(
+            "add_job", cmd, cmd.session_id, [cmd.job_id, cmd.client_id], remember=remember
+        )
         if reply.ok:
             self._attach_job(cmd, cmd.session_id, cmd.job_id, reply)
         return reply
 
-    def remove_job(self, cmd: RemoveJobCommand) -> Reply:
-        reply = self._command("remove_job", cmd, cmd.session_id, [cmd.job_id])
+    def remove_job(self, cmd: RemoveJobCommand, *, remember: bool = True) -> Reply:
+        reply = self._command("remove_job", cmd, cmd.session_id, [cmd.job_id], remember=remember)
         if reply.ok:
             self._detach_job(cmd.project_id, cmd.session_id, cmd.job_id)
         return reply
 
-    def create(self, cmd: CreateCommand) -> Reply:
+    def create(self, cmd: CreateCommand, *, remember: bool = True) -> Reply:
         doc = cmd.document
         session_id = doc.session_id or derived_session_id(cmd.project_id, cmd.request_id)
         defaults = scalar_defaults(self.settings.default_hold_off)
         if cmd.user_id and not doc.user_id:
             defaults["user_id"] = cmd.user_id
-        reply = self._command("create", cmd, session_id, _document_args(doc, defaults))
+        reply = self._command(
+            "create", cmd, session_id, _document_args(doc, defaults), remember=remember
+        )
         if reply.ok:
             self._index(cmd.project_id, session_id, reply)
             self._attach_jobs(cmd, session_id, doc, reply)
         return reply
 
-    def replace(self, cmd: ReplaceCommand) -> Reply:
+    def replace(self, cmd: ReplaceCommand, *, remember: bool = True) -> Reply:
         doc = cmd.document
         defaults = scalar_defaults(self.settings.default_hold_off)
         if cmd.user_id and not doc.user_id:
             defaults["user_id"] = cmd.user_id
-        reply = self._command("replace", cmd, cmd.session_id, _document_args(doc, defaults))
+        reply = self._command(
+            "replace", cmd, cmd.session_id, _document_args(doc, defaults), remember=remember
+        )
         if reply.ok:
             self._index(cmd.project_id, cmd.session_id, reply)
             for job_id in reply.detached or ():
@@ -191,15 +209,17 @@ class Store:
             self._attach_jobs(cmd, cmd.session_id, doc, reply)
         return reply
 
-    def update(self, cmd: UpdateCommand) -> Reply:
-        reply = self._command("update", cmd, cmd.session_id, _document_args(cmd.patch, None))
+    def update(self, cmd: UpdateCommand, *, remember: bool = True) -> Reply:
+        reply = self._command(
+            "update", cmd, cmd.session_id, _document_args(cmd.patch, None), remember=remember
+        )
         if reply.ok:
             self._schedule_deadline(cmd.project_id, cmd.session_id, reply)
             self._attach_jobs(cmd, cmd.session_id, cmd.patch, reply)
         return reply
 
-    def delete(self, cmd: DeleteCommand) -> Reply:
-        reply = self._command("delete", cmd, cmd.session_id)
+    def delete(self, cmd: DeleteCommand, *, remember: bool = True) -> Reply:
+        reply = self._command("delete", cmd, cmd.session_id, remember=remember)
         if reply.ok:
             for job_id in reply.detached or ():
                 self._detach_job(cmd.project_id, cmd.session_id, job_id)

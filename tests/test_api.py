@@ -21,6 +21,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from session_worker.api import check_bind, create_app, serve
+from session_worker.keys import KeyBuilder
 from session_worker.models import (
     AddJobCommand,
     CreateCommand,
@@ -357,6 +358,19 @@ def test_an_action_with_an_idempotency_key_is_applied_once(
     assert doc is not None and doc["session_tag"] == 1
     other = {"start": {"job_id": "b", "current_tag": 0}}
     assert_error(api.post(url, json=other, headers=headers), 422)
+
+
+def test_only_an_idempotency_key_leaves_a_request_record(
+    api: Api, client: redis.Redis, s1: str
+) -> None:
+    url = f"{FAMILIES[0]}/{s1}/action"
+    records = KeyBuilder().session(PROJECT, s1).requests
+    body = {"start": {"job_id": "a", "current_tag": 0}}
+    before = set(client.hkeys(records))
+    assert api.post(url, json=body).status_code == 202
+    assert set(client.hkeys(records)) == before  # nobody can repeat it: nothing to remember
+    api.post(url, json=body, headers={"Idempotency-Key": "k1"})
+    assert set(client.hkeys(records)) == before | {b"k1"}
 
 
 def test_put_job_without_a_body_adds_it(
