@@ -197,6 +197,7 @@ class Store:
     def replace(self, cmd: ReplaceCommand, *, remember: bool = True) -> Reply:
         doc = cmd.document
         defaults = scalar_defaults(self.settings.default_hold_off)
+        del defaults["session_tag"]  # not given: the session keeps its tag (0 when new)
         if cmd.user_id and not doc.user_id:
             defaults["user_id"] = cmd.user_id
         reply = self._command(

@@ -30,6 +30,7 @@ from session_worker.models import (
     SessionEvent,
     SessionFields,
     StartCommand,
+    UpdateCommand,
 )
 from session_worker.settings import Settings
 from session_worker.store import Store
@@ -687,12 +688,6 @@ def test_an_end_from_a_non_member_stays_out_of_the_runs_history(started: Session
     assert set(started.run(1)["jobs"]) == {"a", "b", "c"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a document write that lowers session_tag (a replace without session_tag resets "
-    "it to 0) leaves jobs whose first-run tag is above the new tag counted in `members` but "
-    "never members, so every later run stays open",
-)
 def test_rounds_complete_after_a_replace_that_omits_the_tag(
     s: Session, store: Store, clock: Clock
 ) -> None:
@@ -721,6 +716,27 @@ def test_rounds_complete_after_a_replace_that_omits_the_tag(
             s.end(job, "success")
         assert (s.doc()["status"], s.doc()["result"]) == ("completed", "success")
         clock.advance(HOLD_OFF + 1)
+
+
+def test_a_document_may_not_lower_the_tag(s: Session, store: Store, clock: Clock) -> None:
+    s.create(["a"])
+    s.start("a", 0)
+    version = s.version()
+    lowered = SessionFields(session_tag=0, jobs={"a": JobEntry()})
+    replace = ReplaceCommand(
+        request_id=new_id(), project_id=PROJECT, session_id=s.id, document=lowered
+    )
+    update = UpdateCommand(
+        request_id=new_id(), project_id=PROJECT, session_id=s.id, patch=SessionFields(session_tag=0)
+    )
+    for reply in (store.replace(replace), store.update(update)):
+        assert error_of(reply) == "bad_request"
+        assert reply.error is not None and "may not go down" in reply.error.description
+    assert (s.doc()["session_tag"], s.version()) == (1, version)
+    raised = UpdateCommand(
+        request_id=new_id(), project_id=PROJECT, session_id=s.id, patch=SessionFields(session_tag=7)
+    )
+    assert store.update(raised).ok and s.doc()["session_tag"] == 7
 
 
 def test_a_late_end_for_a_run_evicted_from_history_records_nothing(

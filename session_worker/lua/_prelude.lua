@@ -351,9 +351,20 @@ local function rebuild_counters(s)
   set(s, 'failed', failed)
 end
 
+-- A document may raise the tag but never lower it: the tag names runs, their history and
+-- every job's membership, which all assume it only goes up. nil when `doc` is acceptable.
+local function lowered_tag(s, doc)
+  if doc.session_tag ~= nil and s.session_tag ~= nil and doc.session_tag < s.session_tag then
+    return string.format('session_tag may not go down (it is %d, the document says %d)',
+                         s.session_tag, doc.session_tag)
+  end
+  return nil
+end
+
 -- The scalars every new session starts from (the caller's document overrides them).
 local function fresh_session()
   local s = {_dirty = {}}
+  set(s, 'session_tag', 0)
   set(s, 'project_id', PROJECT)
   set(s, 'session_id', SESSION)
   set(s, 'schedule', '{}')

@@ -1,13 +1,15 @@
 -- replace.lua: create the session or overwrite its document (SPEC §3, replace).
 --
 -- KEYS[1..8], ARGV[1..9]: see _prelude.lua.
--- ARGV[10] scalar fields JSON: every field of _prelude's DOC_FIELDS, validated and defaulted
+-- ARGV[10] scalar fields JSON: every field of _prelude's DOC_FIELDS, validated and defaulted,
+--          except session_tag, which keeps its value when not given
 -- ARGV[11] schedule JSON (stored as given)
 -- ARGV[12] jobs JSON: job_id -> {client_id, status, result, time_started, time_ended}
 --
 -- Returns the reply JSON: ok + version, created (true when it did not exist), created_at,
 -- detached (ids of jobs no longer in the session; their records are the caller's to
--- detach); or idempotency_mismatch. Run history is kept.
+-- detach); or bad_request (session_tag lower than the session's), idempotency_mismatch.
+-- Run history is kept.
 
 local s = load_session()
 local again = repeated()
@@ -20,6 +22,10 @@ end
 CURRENT = s
 apply_deadline(s)
 
+local doc = cjson.decode(ARGV[10])
+local lowered = lowered_tag(s, doc)
+if lowered then return fail('bad_request', lowered) end
+
 local jobs = cjson.decode(ARGV[12])
 local detached = {}
 for _, job_id in ipairs(redis.call('HKEYS', KEYS[2])) do
@@ -28,7 +34,7 @@ for _, job_id in ipairs(redis.call('HKEYS', KEYS[2])) do
     redis.call('HDEL', KEYS[2], job_id)
   end
 end
-apply_fields(s, cjson.decode(ARGV[10]))
+apply_fields(s, doc)
 set(s, 'schedule', ARGV[11])
 local member_of = s.session_tag + 1
 if created and s.status == 'running' then member_of = s.session_tag end

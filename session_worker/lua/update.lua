@@ -5,12 +5,16 @@
 -- ARGV[11] schedule JSON, or "" to keep the schedule
 -- ARGV[12] jobs JSON: job_id -> the fields to change (a new job_id adds the job)
 --
--- Returns the reply JSON: ok + version; or not_found, idempotency_mismatch.
+-- Returns the reply JSON: ok + version; or not_found, bad_request (session_tag lower than
+-- the session's), idempotency_mismatch.
 
 local s, early = open_session()
 if not s then return early end
 
-apply_fields(s, cjson.decode(ARGV[10]))
+local doc = cjson.decode(ARGV[10])
+local lowered = lowered_tag(s, doc)
+if lowered then return fail('bad_request', lowered) end
+apply_fields(s, doc)
 if ARGV[11] ~= '' then set(s, 'schedule', ARGV[11]) end
 merge_jobs(s, cjson.decode(ARGV[12]), s.session_tag + 1)
 rebuild_counters(s)
