@@ -20,6 +20,7 @@ from redis.client import PubSub
 
 from session_worker.keys import events_channel
 from session_worker.models import (
+    MAX_INT,
     AddJobCommand,
     CreateCommand,
     EndCommand,
@@ -1066,3 +1067,9 @@ def test_server_time_outside_hold_off_and_deadline(
     assert (doc["status"], doc["result"]) == ("completed", "fail")
     assert doc["time_end"] >= now
     assert late.run(1)["closed"] == "deadline"
+
+
+def test_a_session_at_the_tag_bound_starts_no_new_run(s: Session, clock: Clock) -> None:
+    s.create(["a"], session_tag=MAX_INT, time_start=clock.now - 10 * HOLD_OFF)
+    assert error_of(s.start("a", MAX_INT)) == "bad_request"
+    assert s.doc()["session_tag"] == MAX_INT

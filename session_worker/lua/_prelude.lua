@@ -46,6 +46,8 @@ else
   NOW = tonumber(redis.call('TIME')[1])
 end
 
+local MAX_TAG = 1000000000000  -- 10^12, the bound of every integer (SPEC §2)
+
 local NUMERIC = {
   hold_off = true, session_tag = true, time_start = true, time_end = true,
   time_started = true, time_ended = true, run_timeout = true, version = true,

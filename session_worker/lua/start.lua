@@ -6,8 +6,8 @@
 --
 -- Returns the reply JSON: ok + result "success" | "hold-off" | "out-of-sync" with
 -- session_tag (and deadline when a new run with a run_timeout began), or an error:
--- not_found (no session), bad_request (job not in the session, tag
--- too high), idempotency_mismatch (request id reused for another command).
+-- not_found (no session), bad_request (job not in the session, tag too high, tag at its
+-- bound 10^12), idempotency_mismatch (request id reused for another command).
 
 local s, early = open_session()
 if not s then return early end
@@ -60,7 +60,10 @@ if current < tag then
   return ok('out-of-sync', s)
 end
 
--- current == tag outside the window: a new run.
+-- current == tag outside the window: a new run (tags stay within the bound of SPEC §2).
+if tag >= MAX_TAG then
+  return fail('bad_request', string.format('session_tag %d is at its bound: no new run', tag))
+end
 if s.status == 'running' then close_run(s, 'superseded') end
 tag = tag + 1
 set(s, 'session_tag', tag)
