@@ -5,6 +5,7 @@
     session-worker web [--host H] [--port P] [--workers N]             the HTTP shim
     session-worker sweep [--interval S]                                the run-deadline sweep
     session-worker simulate [--nodes N --sessions S --rounds R ...]    a fleet of nodes
+    session-worker bench [--quick | --full] [--only FAMILIES]          the benchmarks
     session-worker create | show | list | add-job | remove-job | start | end | runs | delete
 
 Where the Redis is, for every command (first found wins):
@@ -599,6 +600,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--hold-off", type=int, default=2, help="sessions' hold_off, seconds (2)")
     sim.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
 
+    commands.add_parser(
+        "bench",
+        help="benchmarks: --quick (smoke) or --full (writes benchmarks/RESULTS.md)",
+        description="Run the benchmarks of a source checkout.",
+        add_help=False,  # --help goes to the benchmarks' own parser
+    )
+
     create = commands.add_parser("create", parents=[common], help="create a session")
     create.add_argument("--session-id", default=None, help="default: derived from the request")
     create.add_argument("--hold-off", type=int, default=None, help="seconds")
@@ -655,6 +663,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if args.command == "worker":
         _cmd_worker(args, extra)
+    if args.command == "bench":
+        from .bench import main as bench_main
+
+        return bench_main(extra)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "up":
