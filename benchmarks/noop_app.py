@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import os
 
-from redis import Redis
-
 from session_worker.celery_app import make_app
-from session_worker.connection import make_redis
+from session_worker.connection import RedisClient, make_redis
 
 TASK_NAME = "bench.noop"
 REPLY = b'{"ok":true}'
@@ -21,10 +19,10 @@ REPLY = b'{"ok":true}'
 app = make_app()
 app.set_current()
 
-_client: tuple[int, Redis] | None = None
+_client: tuple[int, RedisClient] | None = None
 
 
-def _redis() -> Redis:
+def _redis() -> RedisClient:
     global _client
     if _client is None or _client[0] != os.getpid():
         _client = (os.getpid(), make_redis())

@@ -46,7 +46,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Match, Route
 
 from . import __version__
-from .connection import make_redis
+from .connection import RedisClient, make_redis
 from .errors import BadRequest, NotFound, SessionWorkerError
 from .models import (
     ID_PATTERN,
@@ -260,7 +260,7 @@ class Shim:
         self.auth = Auth(settings.auth_tokens, settings.default_project)
         self.max_body = settings.max_body_bytes
         self._store = store
-        self._owned: Redis | None = None
+        self._owned: RedisClient | None = None
 
     @property
     def store(self) -> Store:
@@ -270,15 +270,20 @@ class Shim:
             # connection per process serves them all without a pool checkout per call (the
             # pool's health check costs a system call). It connects on first use: the shim
             # starts while Redis is down and answers 503 until it is back.
-            pool = make_redis(self.settings).connection_pool
-            self._owned = Redis(connection_pool=pool, single_connection_client=True)
-            self._store = Store(self._owned, self.settings)
+            client = make_redis(self.settings)
+            if isinstance(client, Redis):
+                client = Redis(
+                    connection_pool=client.connection_pool, single_connection_client=True
+                )
+            self._owned = client
+            self._store = Store(client, self.settings)
         return self._store
 
     def close(self) -> None:
         if self._owned is not None:
             self._owned.close()
-            self._owned.connection_pool.disconnect()
+            if isinstance(self._owned, Redis):
+                self._owned.connection_pool.disconnect()
 
     # Helpers --------------------------------------------------------------------------
 

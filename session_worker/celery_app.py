@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from .connection import redis_url
+from .connection import broker_url
 from .settings import Settings, get_settings
 
 TASK_PREFIX = "session_worker."
@@ -59,7 +59,7 @@ def make_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     app = Celery("session_worker", set_as_current=False)
     app.conf.update(
-        broker_url=redis_url(settings),
+        broker_url=broker_url(settings),
         broker_transport_options=broker_transport_options(settings),
         broker_connection_retry=True,
         broker_connection_retry_on_startup=True,

@@ -1,9 +1,20 @@
-"""Redis clients built from Settings, so every process connects the same way."""
+"""Redis clients built from Settings, so every process connects the same way.
+
+A URL with the scheme ``redis+cluster://`` (``rediss+cluster://`` for TLS) names a Redis
+Cluster by any one of its nodes: make_redis then returns a ``RedisCluster`` client, which
+finds the other nodes itself. Every script call names all its keys and each call's keys
+share one slot (keys.py), so the store runs on it unchanged. Celery's broker cannot use a
+cluster: it takes ``broker_url`` (SESSION_WORKER_BROKER_URL), a plain Redis.
+"""
 
 from __future__ import annotations
 
+from typing import Any, TypeAlias
+from urllib.parse import urlsplit, urlunsplit
+
 from redis import Redis
 from redis.backoff import ExponentialBackoff
+from redis.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
@@ -11,6 +22,10 @@ from redis.retry import Retry
 from .settings import Settings, get_settings
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+# What make_redis returns: one server, or a Redis Cluster.
+RedisClient: TypeAlias = Redis | RedisCluster
 
 
 def redis_url(settings: Settings | None = None) -> str:
@@ -18,22 +33,64 @@ def redis_url(settings: Settings | None = None) -> str:
     return settings.redis_url or DEFAULT_URL
 
 
-def make_redis(settings: Settings | None = None, *, wait_timeout: float | None = None) -> Redis:
+def is_cluster_url(url: str) -> bool:
+    """True when `url` names a Redis Cluster (``redis+cluster://`` or ``rediss+cluster://``)."""
+    return urlsplit(url).scheme in CLUSTER_SCHEMES
+
+
+def cluster_node_url(url: str) -> str:
+    """The plain ``redis://`` (or ``rediss://``) URL of the node a cluster URL names.
+
+    A cluster has database 0 only, so the path must be empty or ``/0``.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in CLUSTER_SCHEMES:
+        raise ValueError(f"not a Redis Cluster URL: {parts.scheme}://...")
+    if parts.path not in ("", "/", "/0"):
+        raise ValueError("a Redis Cluster has database 0 only: drop the path of the URL")
+    return urlunsplit((CLUSTER_SCHEMES[parts.scheme], parts.netloc, "", parts.query, ""))
+
+
+def broker_url(settings: Settings | None = None) -> str:
+    """Celery's broker: `broker_url` when set, else the Redis URL (which must not be a cluster:
+    kombu's Redis transport speaks to one server)."""
+    settings = settings or get_settings()
+    if settings.broker_url:
+        return settings.broker_url
+    url = redis_url(settings)
+    if is_cluster_url(url):
+        raise ValueError(
+            "the Celery broker cannot use Redis Cluster: set SESSION_WORKER_BROKER_URL to a "
+            "plain redis:// URL (SESSION_WORKER_REDIS_URL may stay the cluster, for the store)"
+        )
+    return url
+
+
+def make_redis(
+    settings: Settings | None = None, *, wait_timeout: float | None = None
+) -> RedisClient:
     """A client for commands, or (with `wait_timeout`) for blocking waits of that length.
 
     Retrying a script call after a cut connection is safe: a command that already ran is
     answered from its request record. A blocking wait gets a socket timeout longer than the
-    wait itself, so it ends with our timeout error, not a socket error.
+    wait itself, so it ends with our timeout error, not a socket error. A cluster URL gives a
+    RedisCluster client (see the module docstring).
     """
     settings = settings or get_settings()
     socket_timeout = settings.redis_socket_timeout
     if wait_timeout is not None:
         socket_timeout = wait_timeout + settings.redis_socket_timeout
+    url = redis_url(settings)
+    common: dict[str, Any] = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": settings.redis_connect_timeout,
+        "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
+    }
+    if is_cluster_url(url):
+        return RedisCluster.from_url(cluster_node_url(url), **common)
     return Redis.from_url(
-        redis_url(settings),
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=settings.redis_connect_timeout,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
+        url,
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         health_check_interval=30,
+        **common,
     )

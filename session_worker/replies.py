@@ -14,8 +14,7 @@ import time
 from functools import cache
 from typing import NamedTuple, cast
 
-from redis import Redis
-
+from .connection import RedisClient
 from .errors import ReplyTimeout
 from .models import ID_PATTERN, Reply
 
@@ -49,7 +48,7 @@ def parse_reply_key(prefix: str, key: object) -> ReplyKey | None:
     return ReplyKey(match["project"], match["session"], match["request"])
 
 
-def push_reply(client: Redis, reply_key: str, reply: Reply, ttl: int) -> None:
+def push_reply(client: RedisClient, reply_key: str, reply: Reply, ttl: int) -> None:
     """Append `reply` to the list `reply_key` and (re)set its TTL, atomically."""
     body = reply.model_dump_json(exclude_none=True)
     with client.pipeline(transaction=True) as pipe:
@@ -59,7 +58,7 @@ def push_reply(client: Redis, reply_key: str, reply: Reply, ttl: int) -> None:
 
 
 def wait_reply(
-    client: Redis, reply_key: str, timeout: float, *, max_block: float | None = None
+    client: RedisClient, reply_key: str, timeout: float, *, max_block: float | None = None
 ) -> Reply:
     """Pop the reply from `reply_key`, waiting up to `timeout` seconds for it.
 

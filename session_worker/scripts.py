@@ -12,8 +12,9 @@ from importlib import resources
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from redis import Redis
     from redis.commands.core import Script
+
+    from .connection import RedisClient
 
 SESSION_SCRIPTS = (
     "start",
@@ -43,7 +44,7 @@ def lua_source(name: str) -> str:
 class Scripts:
     """Every script, registered on one client."""
 
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self.by_name: dict[str, Script] = {
             name: client.register_script(lua_source(name)) for name in SESSION_SCRIPTS + JOB_SCRIPTS
         }

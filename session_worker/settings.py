@@ -20,7 +20,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SESSION_WORKER_", extra="ignore")
 
     # Redis: broker, store and reply channel share it. None: `up` starts an embedded server.
+    # redis+cluster://host:port: the store and replies on a Redis Cluster (see connection.py).
     redis_url: str | None = None
+    # Celery's broker when it is not redis_url (required when redis_url is a cluster).
+    broker_url: str | None = None
     key_prefix: str = Field(default="sw", pattern=r"^[A-Za-z0-9_-]{1,32}$")
     redis_socket_timeout: float = Field(default=5.0, gt=0)
     redis_connect_timeout: float = Field(default=2.0, gt=0)

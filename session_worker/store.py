@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import orjson
-from redis import Redis
 
+from .connection import RedisClient
 from .keys import KeyBuilder, events_channel
 from .models import (
     SCALAR_FIELDS,
@@ -87,7 +87,7 @@ class Store:
 
     def __init__(
         self,
-        client: Redis,
+        client: RedisClient,
         settings: Settings | None = None,
         *,
         clock: Callable[[], int] | None = None,
