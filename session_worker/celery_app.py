@@ -17,6 +17,8 @@ Delivery guarantees and their costs, in one place:
   must exceed the longest time a message legitimately stays unacknowledged: a command runs
   for milliseconds, but a retry waits up to ``tasks.RETRY_BACKOFF_MAX`` seconds; a shorter
   timeout only costs duplicate deliveries, which the request records absorb.
+- A queue entry that is not a message at all (not JSON, or JSON of another shape) is logged
+  and dropped by the transport (broker.py) instead of ending the worker.
 - No result backend: the command's script pushes its reply to the caller's reply list
   (replies.py), which is cheaper than a result backend and survives a late listener.
 - Workers started while Redis is down keep trying to connect, and start consuming once it
@@ -24,6 +26,8 @@ Delivery guarantees and their costs, in one place:
 """
 
 from __future__ import annotations
+
+import ssl
 
 from celery import Celery
 
@@ -54,12 +58,21 @@ def broker_transport_options(settings: Settings) -> dict[str, object]:
     }
 
 
+def broker_ssl_options(url: str) -> dict[str, object] | None:
+    """TLS options of the broker connection: certificate required for ``rediss://``."""
+    return {"ssl_cert_reqs": ssl.CERT_REQUIRED} if url.startswith("rediss://") else None
+
+
 def make_app(settings: Settings | None = None) -> Celery:
     """A Celery app for workers and senders, configured from `settings`."""
     settings = settings or get_settings()
     app = Celery("session_worker", set_as_current=False)
     app.conf.update(
         broker_url=broker_url(settings),
+        # kombu's Redis transport, refusing malformed queue entries instead of dying on them.
+        broker_transport="session_worker.broker:Transport",
+        # rediss://: verify the server's certificate, as the store's redis-py clients do.
+        broker_use_ssl=broker_ssl_options(broker_url(settings)),
         broker_transport_options=broker_transport_options(settings),
         broker_connection_retry=True,
         broker_connection_retry_on_startup=True,

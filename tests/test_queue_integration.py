@@ -6,6 +6,7 @@ No eager mode and no mocks: every command here is a message on the broker, taken
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import pickle
@@ -679,6 +680,62 @@ def test_a_pickled_message_is_refused_and_never_unpickled(
     after = store.get(PROJECT, "s")
     assert after is not None and before is not None
     assert after["session_tag"] == 1 and before["session_tag"] == 0  # only the good start ran
+
+
+def _envelope(body: bytes, queue: str, content_type: str = "application/json") -> bytes:
+    """A message as kombu's Redis transport stores it on the queue list."""
+    return orjson.dumps(
+        {
+            "body": base64.b64encode(body).decode(),
+            "content-encoding": "utf-8",
+            "content-type": content_type,
+            "headers": {"task": "session_worker.start", "id": uuid.uuid4().hex, "lang": "py"},
+            "properties": {
+                "body_encoding": "base64",
+                "delivery_tag": uuid.uuid4().hex,
+                "delivery_info": {"exchange": "", "routing_key": queue},
+                "priority": 0,
+            },
+        }
+    )
+
+
+MALFORMED_MESSAGES: dict[str, Callable[[str], bytes]] = {
+    # name: the bytes pushed straight onto the queue list, given the queue's name
+    "envelope not JSON": lambda queue: b"{not json at all",
+    "envelope JSON but not an object": lambda queue: b"[1, 2, 3]",
+    "body not JSON": lambda queue: _envelope(b"{'start': oops", queue),
+    "body JSON but not a task": lambda queue: _envelope(b'{"hello": "world"}', queue),
+    "body in an unknown content type": lambda queue: _envelope(b"x", queue, "application/x-evil"),
+}
+
+
+def test_malformed_messages_pushed_onto_the_queue_are_refused_and_the_worker_goes_on(
+    worker: StartWorker, client: SessionClient, store: Store
+) -> None:
+    w = worker(concurrency=1)
+    make_session(store, "s", jobs=1)
+    before = store.get(PROJECT, "s")
+    queue = client.settings.queue
+    for make in MALFORMED_MESSAGES.values():
+        store.client.lpush(queue, make(queue))
+
+    _answered(w, client, store)  # queued behind all of them: the worker got past each one
+    after = store.get(PROJECT, "s")
+    assert before is not None and after is not None
+    assert (before["session_tag"], after["session_tag"]) == (0, 1)  # only the good start ran
+    assert w.proc.poll() is None, w.log()
+    assert store.client.llen(queue) == 0
+    log = w.log()
+    assert "Unrecoverable error" not in log, log
+    # The transport refuses the two envelopes and the body that is no task ...
+    assert log.count("refused a malformed message on the queue") == 3, log
+    # ... Celery the body that is not JSON and the disallowed content type.
+    assert log.count("Can't decode message body") == 1, log
+    assert "Refusing to deserialize untrusted content of type application/x-evil" in log, log
+    # Nothing is left taken but unacknowledged, to come back after the visibility timeout.
+    assert store.client.hlen("unacked") == 0
+    assert store.client.zcard("unacked_index") == 0
 
 
 def test_a_command_without_a_usable_reply_key_is_dropped_and_logged(

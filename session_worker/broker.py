@@ -1,0 +1,88 @@
+"""The broker transport: kombu's Redis transport, hardened against malformed messages.
+
+kombu pops a message off the queue list and decodes its envelope (the JSON object that
+carries the body, headers and delivery properties) inside the worker's event loop. An entry
+that is not such an envelope (not JSON, or JSON of another shape), written to the list by
+anything that can reach Redis, makes that decode raise, and Celery ends the whole worker
+("Unrecoverable error"). This transport refuses such an entry instead: it is logged and
+dropped (it has already left the list, and it is no task: there is nothing to redeliver),
+and the worker goes on consuming. So is an envelope whose body Celery cannot even take
+apart (JSON, but not a task's ``[args, kwargs, options]``): Celery raises out of its event
+loop there too. Bodies that are not JSON, disallowed content types (pickle) and unknown
+task names are Celery's to refuse, and it does.
+
+Used through ``broker_transport`` (celery_app.py); the broker URL stays ``redis://`` or
+``rediss://``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+
+logger = logging.getLogger(__name__)
+
+# What decoding or delivering a malformed envelope raises.
+MALFORMED_ENVELOPE_ERRORS = (ValueError, TypeError, KeyError, AttributeError)
+
+
+class Channel(kombu_redis.Channel):
+    def _brpop_read(self, **options: Any) -> bool:
+        try:
+            return bool(super()._brpop_read(**options))  # type: ignore[no-untyped-call]
+        except MALFORMED_ENVELOPE_ERRORS as exc:
+            _refused(exc)
+            return True
+
+    def _get(self, queue: str, timeout: Any = None) -> Any:
+        while True:
+            try:
+                return super()._get(queue)  # type: ignore[no-untyped-call]
+            except MALFORMED_ENVELOPE_ERRORS as exc:
+                _refused(exc)
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel
+
+    def _deliver(self, message: Any, queue: str) -> None:
+        if not _is_envelope(message):
+            raise TypeError(f"not a kombu message envelope: {_shorten(message)}")
+        try:
+            super()._deliver(message, queue)  # type: ignore[no-untyped-call]
+        except MALFORMED_ENVELOPE_ERRORS:
+            # Celery gave up on it after kombu took it as unacknowledged: acknowledge it, or
+            # it would hold the worker's only prefetch slot and come back every
+            # visibility timeout.
+            self._acknowledge(message["properties"]["delivery_tag"])
+            raise
+
+    def _acknowledge(self, delivery_tag: Any) -> None:
+        for channel in self.channels:
+            if delivery_tag in channel.qos._delivered:
+                channel.qos.ack(delivery_tag)
+
+
+def _is_envelope(message: Any) -> bool:
+    """The shape kombu's virtual Message needs to be built at all."""
+    if not isinstance(message, dict):
+        return False
+    properties = message.get("properties")
+    return (
+        isinstance(properties, dict)
+        and isinstance(properties.get("delivery_info"), dict)
+        and "delivery_tag" in properties
+        and isinstance(message.get("headers", {}), dict)
+    )
+
+
+def _refused(exc: BaseException) -> None:
+    reason = _shorten(f"{type(exc).__name__}: {exc}")
+    logger.error("refused a malformed message on the queue (dropped): %s", reason)
+
+
+def _shorten(value: object, limit: int = 200) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
