@@ -37,7 +37,8 @@ from .scripts import Scripts
 from .settings import Settings, get_settings
 
 # The fields of the stored session that are the service's bookkeeping, not the document's.
-_INTERNAL_FIELDS = ("members", "done", "failed", "closed", "hist_min", "created_at", "version")
+_INTERNAL = ("members", "done", "failed", "closed", "hist_min", "created_at", "version")
+_INTERNAL_FIELDS = (*_INTERNAL, "run_completed")  # run_completed: a read's note for metrics
 
 _SESSION_NAMESPACE = uuid.UUID("4b6f1c1e-52a3-4c36-9e0d-5e3c1f0a7d21")
 

@@ -27,7 +27,8 @@
 -- current tag is lazily `scheduled` in the current run: starting a run never scans the jobs.
 -- Counters in meta (members, done, failed) make "did the run complete?" O(1).
 --
--- Every script returns the reply JSON (for reads: the document JSON). Integers only: every
+-- Every script returns the reply JSON (for reads: the document JSON), with `run_completed`
+-- added when the call closed the current run (see COMPLETED). Integers only: every
 -- number here is below 2^53 and is written with %d.
 
 local REQUEST_ID = ARGV[1]
@@ -171,6 +172,17 @@ local function trim_history(s)
   end
 end
 
+-- The run this call closed, if any: {session_tag, result, closed}. It is added to the
+-- script's return value only (for the caller's metrics), never to the stored or pushed
+-- reply, so a repeated command never reports it twice.
+local COMPLETED = nil
+
+-- The reply JSON returned to the caller: `reply` plus run_completed when this call closed a run.
+local function returned(reply)
+  if not COMPLETED then return reply end
+  return string.sub(reply, 1, -2) .. ',"run_completed":' .. cjson.encode(COMPLETED) .. '}'
+end
+
 -- Complete the current run when every member has completed (only while it is running).
 local function recompute(s)
   if s.status ~= 'running' or s.members == 0 or s.done < s.members then return end
@@ -180,6 +192,7 @@ local function recompute(s)
   set(s, 'time_end', NOW)
   set(s, 'time_ended', NOW)
   write_run(s)
+  COMPLETED = {session_tag = s.session_tag, result = s.result, closed = 'completed'}
   publish({event = 'run_completed', session_tag = s.session_tag, result = s.result,
            closed = 'completed'})
 end
@@ -193,6 +206,7 @@ local function close_run(s, why)
   set(s, 'time_ended', NOW)
   bump_version(s)
   write_run(s)
+  COMPLETED = {session_tag = s.session_tag, result = 'fail', closed = why}
   publish({event = 'run_completed', session_tag = s.session_tag, result = 'fail', closed = why})
 end
 
@@ -242,7 +256,7 @@ local function finish(reply_table)
     redis.call('ZADD', KEYS[7], NOW + REQUEST_TTL, REQUEST_ID)
   end
   push_reply(reply)
-  return reply
+  return returned(reply)
 end
 
 -- A reply that is pushed but not remembered (nothing was applied, nothing can be repeated).

@@ -4,7 +4,8 @@
 --
 -- Returns false when the session does not exist, else the document JSON with `schedule` as
 -- the stored JSON string and `jobs` as job_id -> {client_id, status, result, time_started,
--- time_ended, member}. The caller normalises empty objects.
+-- time_ended, member}, and run_completed when this read closed the run by its deadline. The
+-- caller normalises empty objects.
 
 local s = load_session()
 if not s then return false end
@@ -24,4 +25,5 @@ local doc = {jobs = jobs}
 for k, v in pairs(s) do
   if k ~= '_dirty' then doc[k] = v end
 end
+doc.run_completed = COMPLETED  -- the run this read closed by its deadline (metrics), or nil
 return cjson.encode(doc)

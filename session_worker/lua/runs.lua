@@ -7,7 +7,8 @@
 -- each {session_tag, time_start, time_end, status, result, closed, jobs: {job_id: {status,
 -- result, time_started, time_ended}}} with member jobs only. A member with no entry of its
 -- own never reported in that run: `scheduled`, or `completed`/`aborted` if the run was
--- closed by its deadline or by a newer run.
+-- closed by its deadline or by a newer run. `run_completed` is set when this read closed the
+-- current run by its deadline.
 
 local s = load_session()
 if not s then return false end
@@ -60,4 +61,4 @@ for _, tag in ipairs(tags) do
     runs[#runs + 1] = run
   end
 end
-return cjson.encode({runs = runs})
+return cjson.encode({runs = runs, run_completed = COMPLETED})
