@@ -27,10 +27,14 @@ Delivery guarantees and their costs, in one place:
 
 from __future__ import annotations
 
+import logging
 import ssl
+from typing import Any
 
 from celery import Celery
+from celery.signals import setup_logging, worker_ready, worker_shutdown
 
+from . import logs
 from .connection import broker_url
 from .settings import Settings, get_settings
 
@@ -101,12 +105,37 @@ def make_app(settings: Settings | None = None) -> Celery:
         # Operations.
         worker_hijack_root_logger=False,
         worker_send_task_events=True,  # Flower
+        task_send_sent_event=True,  # Flower: tasks show from the moment they are sent
         worker_disable_rate_limits=True,
         include=["session_worker.tasks"],
     )
     # The Settings the tasks of this app use (tasks.py).
     app.session_worker_settings = settings
     return app
+
+
+# Worker processes: our log format, and /metrics on SESSION_WORKER_METRICS_PORT (metrics.py).
+
+
+@setup_logging.connect  # type: ignore[untyped-decorator]
+def _setup_logging(loglevel: object = None, **_: Any) -> None:
+    logs.configure(loglevel if isinstance(loglevel, int | str) and loglevel else logging.INFO)
+
+
+@worker_ready.connect  # type: ignore[untyped-decorator]
+def _serve_metrics(**_: Any) -> None:
+    port = get_settings().metrics_port
+    if port:
+        from .metrics import serve_metrics
+
+        serve_metrics(port)
+
+
+@worker_shutdown.connect  # type: ignore[untyped-decorator]
+def _remove_metrics_dir(**_: Any) -> None:
+    from .metrics import remove_owned_dir
+
+    remove_owned_dir()
 
 
 # What `celery -A session_worker.celery_app worker` runs: configured from the environment.

@@ -22,7 +22,8 @@ from celery import Celery
 
 from .celery_app import make_app, task_name
 from .connection import make_redis
-from .errors import BadRequest
+from .errors import BadRequest, ReplyTimeout
+from .metrics import REPLY_TIMEOUTS
 from .models import COMMAND_MODELS, ID_RE, JobRecord, Reply
 from .replies import wait_reply
 from .settings import Settings, get_settings
@@ -103,7 +104,11 @@ class SessionClient:
     def wait(self, reply_key: str, timeout: float | None = None) -> Reply:
         """The reply pushed to `reply_key` (even one pushed before this call), or ReplyTimeout."""
         timeout = self.timeout if timeout is None else timeout
-        return wait_reply(self._wait_redis, reply_key, timeout, max_block=self._block)
+        try:
+            return wait_reply(self._wait_redis, reply_key, timeout, max_block=self._block)
+        except ReplyTimeout:
+            REPLY_TIMEOUTS.inc()
+            raise
 
     def call(self, kind: str, *, timeout: float | None = None, **fields: Any) -> Reply:
         """Send one command and wait for its reply."""

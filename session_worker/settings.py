@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -42,6 +43,12 @@ class Settings(BaseSettings):
 
     # Local stack (`session-worker up`).
     data_dir: Path = Path("var")
+
+    # Operations (logs.py, metrics.py): log format text|json, root log level, and the port
+    # on which `worker` / `sweep` serve /metrics (0: none; the shim serves /metrics itself).
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = Field(default="INFO", pattern=r"^(?i:DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
+    metrics_port: int = Field(default=0, ge=0, le=65535)
 
     # HTTP shim.
     http_host: str = "127.0.0.1"

@@ -3,7 +3,8 @@
 A read or command on a session applies its passed deadline by itself; the sweep is what makes
 the completion event fire when no node calls any more (a node that died). It runs as one
 process per deployment (``session-worker sweep``; ``up`` starts one): running two is harmless,
-each expiry is applied once by the script that finds it, the other sees it done.
+each expiry is applied once by the script that finds it, the other sees it done. Each run
+the sweep closes counts in ``session_worker_deadline_expiries_total`` (metrics.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from .connection import make_redis
+from .metrics import MeteredStore
 from .settings import Settings
 from .store import Store
 
@@ -50,7 +52,7 @@ def run_sweep(
     """
     interval = settings.deadline_sweep_interval if interval is None else interval
     stop = stop or threading.Event()
-    store = Store(client or make_redis(settings), settings)
+    store = MeteredStore(client or make_redis(settings), settings, sweep=True)
     log.info("deadline sweep every %.3g s", interval)
     delay = interval
     failing = False

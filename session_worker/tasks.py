@@ -29,6 +29,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .celery_app import task_name
 from .connection import make_redis
 from .errors import BadRequest, SessionWorkerError, Unavailable
+from .logs import log_command
+from .metrics import MeteredStore, observe_command, outcome_of
 from .models import COMMAND_MODELS, Command, CreateCommand, Reply, SessionCommand
 from .replies import parse_reply_key, push_reply
 from .settings import Settings, get_settings
@@ -60,7 +62,7 @@ def get_store(settings: Settings | None = None) -> Store:
     global _store, _store_pid
     if _store is None or _store_pid != os.getpid():
         settings = settings or get_settings()
-        _store, _store_pid = Store(make_redis(settings), settings), os.getpid()
+        _store, _store_pid = MeteredStore(make_redis(settings), settings), os.getpid()
     return _store
 
 
@@ -179,21 +181,20 @@ def describe(exc: ValidationError) -> str:
 
 
 def _log(kind: str, fields: dict[str, Any], reply: Reply | None, started: float) -> None:
-    if reply is None:
-        outcome = "dropped"
-    elif reply.error is not None:
-        outcome = f"error:{reply.error.code}"
-    else:
-        outcome = reply.result or "ok"
-    logger.info(
-        "kind=%s session=%s job=%s outcome=%s tag=%s request=%s latency_ms=%.2f",
-        kind,
-        _text(reply.session_id if reply and reply.session_id else fields.get("session_id")),
-        _text(fields.get("job_id")),
-        outcome,
-        "-" if reply is None or reply.session_tag is None else reply.session_tag,
-        _text(fields.get("request_id")),
-        (time.perf_counter() - started) * 1000,
+    """The command's metrics and its one log line (logs.log_command)."""
+    seconds = time.perf_counter() - started
+    outcome = outcome_of(reply)
+    observe_command(kind, outcome, "queue", seconds)
+    log_command(
+        logger,
+        via="queue",
+        kind=kind,
+        session=reply.session_id if reply and reply.session_id else fields.get("session_id"),
+        job=fields.get("job_id"),
+        outcome=outcome,
+        tag=None if reply is None else reply.session_tag,
+        request_id=fields.get("request_id"),
+        seconds=seconds,
     )
 
 
