@@ -19,11 +19,13 @@ routed by plain Starlette routes (no dependency injection); the OpenAPI document
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import ipaddress
 import logging
 import os
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -45,12 +47,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Match, Route
 
-from . import __version__
+from . import __version__, logs, metrics
 from .connection import RedisClient, make_redis
-from .errors import BadRequest, NotFound, SessionWorkerError
+from .errors import BadRequest, NotFound, SessionWorkerError, Unavailable
 from .models import (
     ID_PATTERN,
     AddJobCommand,
+    Command,
     Count,
     CreateCommand,
     DeleteCommand,
@@ -59,6 +62,7 @@ from .models import (
     Id,
     RemoveJobCommand,
     ReplaceCommand,
+    Reply,
     SessionFields,
     StartCommand,
     UpdateCommand,
@@ -249,6 +253,76 @@ def _query_int(request: Request, name: str, default: int) -> int:
     return int(raw)
 
 
+# What a mutation did, for its log line and metrics: (kind, command, reply) in the scope.
+_NOTE = "session_worker.command"
+
+
+def _noted(request: Request, kind: str, cmd: Command, reply: Reply) -> Reply:
+    """Note the command and its reply for the request's log line; raise the reply's error."""
+    request.scope[_NOTE] = (kind, cmd, reply)
+    return reply.raise_for_error()
+
+
+def _metered(
+    kind: str, handler: Callable[[Request], Awaitable[Response]]
+) -> Callable[[Request], Awaitable[Response]]:
+    """`handler` with one log line and the command metrics per request (logs.log_command).
+
+    Every mutation is counted, also one refused before it reached the store (401, 415, bad
+    JSON...): its outcome is the error's code.
+    """
+
+    async def endpoint(request: Request) -> Response:
+        started = time.perf_counter()
+        outcome = "error:internal"
+        try:
+            response = await handler(request)
+            outcome = "ok"
+            return response
+        except SessionWorkerError as exc:
+            outcome = f"error:{exc.code}"
+            raise
+        except _UNAVAILABLE:
+            outcome = f"error:{Unavailable.code}"
+            raise
+        except ClientDisconnect:
+            outcome = f"error:{BadRequest.code}"
+            raise
+        finally:
+            _record(request, kind, outcome, time.perf_counter() - started)
+
+    endpoint.__name__ = endpoint.__qualname__ = getattr(handler, "__name__", kind)
+    return endpoint
+
+
+def _record(request: Request, kind: str, outcome: str, seconds: float) -> None:
+    note = request.scope.get(_NOTE)
+    cmd: Command | None = None
+    reply: Reply | None = None
+    if note is not None:
+        kind, cmd, reply = note
+        if reply is not None and outcome == "ok":
+            outcome = metrics.outcome_of(reply)
+    metrics.observe_command(kind, outcome, "http", seconds)
+    params = request.path_params
+    session = params.get("session_id") or (reply.session_id if reply is not None else None)
+    if cmd is not None:
+        request_id: object = cmd.request_id
+    else:
+        request_id = request.headers.get("idempotency-key")
+    logs.log_command(
+        log,
+        via="http",
+        kind=kind,
+        session=session,
+        job=getattr(cmd, "job_id", None) or params.get("job_id"),
+        outcome=outcome,
+        tag=None if reply is None else reply.session_tag,
+        request_id=request_id,
+        seconds=seconds,
+    )
+
+
 # The application -----------------------------------------------------------------------
 
 
@@ -276,7 +350,7 @@ class Shim:
                     connection_pool=client.connection_pool, single_connection_client=True
                 )
             self._owned = client
-            self._store = Store(client, self.settings)
+            self._store = metrics.MeteredStore(client, self.settings)
         return self._store
 
     def close(self) -> None:
@@ -372,7 +446,9 @@ class Shim:
             document=doc,
             user_id=caller.user_id,
         )
-        reply = self.store.create(cmd, remember=_remembered(request)).raise_for_error()
+        reply = _noted(
+            request, "create", cmd, self.store.create(cmd, remember=_remembered(request))
+        )
         return _json(201, {"session_id": reply.session_id})
 
     async def get_session(self, request: Request) -> Response:
@@ -397,7 +473,9 @@ class Shim:
             session_id=session_id,
             patch=patch,
         )
-        reply = self.store.update(cmd, remember=_remembered(request)).raise_for_error()
+        reply = _noted(
+            request, "update", cmd, self.store.update(cmd, remember=_remembered(request))
+        )
         return _json(200, {"session_id": session_id, "version": reply.version})
 
     async def replace_session(self, request: Request) -> Response:
@@ -414,7 +492,9 @@ class Shim:
             document=doc,
             user_id=caller.user_id,
         )
-        reply = self.store.replace(cmd, remember=_remembered(request)).raise_for_error()
+        reply = _noted(
+            request, "replace", cmd, self.store.replace(cmd, remember=_remembered(request))
+        )
         return _json(201, {"session_id": session_id, "version": reply.version})
 
     async def delete_session(self, request: Request) -> Response:
@@ -426,7 +506,7 @@ class Shim:
             project_id=caller.project_id,
             session_id=session_id,
         )
-        self.store.delete(cmd, remember=_remembered(request)).raise_for_error()
+        _noted(request, "delete", cmd, self.store.delete(cmd, remember=_remembered(request)))
         return Response(status_code=_NO_CONTENT)
 
     @staticmethod
@@ -460,15 +540,15 @@ class Shim:
             "project_id": caller.project_id,
             "session_id": session_id,
         }
+        request.scope[_NOTE] = (name, None, None)  # a refused body is still a start / end
         if name == "start":
-            reply = self.store.start(
-                _validate(StartCommand, data, f"{name}."), remember=_remembered(request)
+            start = _validate(StartCommand, data, f"{name}.")
+            reply = _noted(
+                request, name, start, self.store.start(start, remember=_remembered(request))
             )
         else:
-            reply = self.store.end(
-                _validate(EndCommand, data, f"{name}."), remember=_remembered(request)
-            )
-        reply.raise_for_error()
+            end = _validate(EndCommand, data, f"{name}.")
+            reply = _noted(request, name, end, self.store.end(end, remember=_remembered(request)))
         return _json(202, {"result": reply.result, "session_tag": reply.session_tag})
 
     # Jobs -----------------------------------------------------------------------------
@@ -497,7 +577,7 @@ class Shim:
                 "client_id": client_id,
             },
         )
-        self.store.add_job(cmd, remember=_remembered(request)).raise_for_error()
+        _noted(request, "add_job", cmd, self.store.add_job(cmd, remember=_remembered(request)))
         return Response(status_code=_NO_CONTENT)
 
     async def remove_job(self, request: Request) -> Response:
@@ -511,7 +591,9 @@ class Shim:
             session_id=session_id,
             job_id=job_id,
         )
-        self.store.remove_job(cmd, remember=_remembered(request)).raise_for_error()
+        _noted(
+            request, "remove_job", cmd, self.store.remove_job(cmd, remember=_remembered(request))
+        )
         return Response(status_code=_NO_CONTENT)
 
     # Runs -----------------------------------------------------------------------------
@@ -536,6 +618,96 @@ class Shim:
         if not runs:
             raise NotFound(f"run {int(raw_tag)} of session {session_id} is not in the history")
         return _json(200, runs[0])
+
+
+# Operations: /healthz, /readyz, /metrics ---------------------------------------------
+
+READY_TIMEOUT = 1.0  # seconds a readiness probe waits for Redis and for a worker's pong
+READY_CACHE = 2.0  # seconds a readiness answer is reused (a flood of /readyz costs nothing)
+
+
+class Operations:
+    """Health, readiness and metrics of one shim process (no auth: no session data).
+
+    /readyz pings Redis (a client of its own with short timeouts) and broadcasts a Celery
+    ping that any worker on the broker answers; the answer is cached for READY_CACHE seconds
+    and concurrent probes share one check. /metrics adds up every process writing to the
+    multiprocess directory (metrics.py) and reads the queue's depth from the broker.
+    """
+
+    def __init__(self, shim: Shim) -> None:
+        self.settings = shim.settings
+        self._lock = asyncio.Lock()
+        self._ready: tuple[float, list[str], int] | None = None  # (until, missing, workers)
+        self._redis: Any = None
+        self._celery: Any = None
+
+    @property
+    def celery(self) -> Any:
+        """A Celery app for control messages and the queue's depth, made on first use."""
+        if self._celery is None:
+            from .celery_app import make_app
+
+            self._celery = make_app(self.settings)
+        return self._celery
+
+    async def healthz(self, request: Request) -> Response:
+        return _json(200, {"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        async with self._lock:
+            now = time.monotonic()
+            if self._ready is None or self._ready[0] <= now:
+                missing, workers = await run_in_threadpool(self._probe)
+                self._ready = (time.monotonic() + READY_CACHE, missing, workers)
+            _, missing, workers = self._ready
+        if missing:
+            return _error(
+                503, "Service unavailable", "not ready: " + "; ".join(missing), {"Retry-After": "1"}
+            )
+        return _json(200, {"status": "ready", "redis": "ok", "workers": workers})
+
+    def _probe(self) -> tuple[list[str], int]:
+        """What is missing (empty: ready) and how many workers answered."""
+        if self._redis is None:
+            quick = self.settings.model_copy(
+                update={
+                    "redis_socket_timeout": READY_TIMEOUT,
+                    "redis_connect_timeout": READY_TIMEOUT,
+                }
+            )
+            self._redis = make_redis(quick)
+        try:
+            self._redis.ping()
+        except (redis_errors.RedisError, OSError) as exc:
+            return [f"Redis does not answer PING ({type(exc).__name__})"], 0
+        try:
+            with self.celery.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, timeout=READY_TIMEOUT)
+                pongs = self.celery.control.ping(timeout=READY_TIMEOUT, limit=1, connection=conn)
+        except Exception as exc:  # the broker went away between the two checks
+            return [f"the Celery broker cannot be reached ({type(exc).__name__})"], 0
+        if not pongs:
+            return [f"no Celery worker answered a ping within {READY_TIMEOUT:g} s"], 0
+        return [], len(pongs)
+
+    def queue_depth(self) -> int:
+        """Messages waiting in the command queue (every priority), from the broker."""
+        with self.celery.connection_for_read() as conn:
+            conn.ensure_connection(max_retries=1, timeout=READY_TIMEOUT)
+            declared = conn.default_channel.queue_declare(queue=self.settings.queue)
+            return int(declared.message_count)
+
+    async def metrics(self, request: Request) -> Response:
+        depth = metrics.QueueDepth(self.settings.queue, self.queue_depth)
+        body = await run_in_threadpool(metrics.render, [depth])
+        return Response(body, media_type=metrics.CONTENT_TYPE)
+
+    def close(self) -> None:
+        if self._redis is not None:
+            self._redis.close()
+        if self._celery is not None:
+            self._celery.close()
 
 
 # Documentation models (OpenAPI only; validation uses the command models) ----------------
@@ -619,6 +791,17 @@ class _Op:
     body_required: bool = True
     mutation: bool = False
 
+
+# The command kind of each mutation handler (an action is start or end, known from its body).
+_KINDS = {
+    "action": "action",
+    "create_session": "create",
+    "update_session": "update",
+    "replace_session": "replace",
+    "delete_session": "delete",
+    "add_job": "add_job",
+    "remove_job": "remove_job",
+}
 
 # Registration order is matching order: the hot path (actions) comes first.
 # fmt: off
@@ -810,6 +993,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         shim.close()
+        app.state.operations.close()
 
     app = FastAPI(
         title="session-worker",
@@ -831,9 +1015,10 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         for family, prefix in _FAMILIES:
             path = prefix + op.suffix
             endpoint: Callable[[Request], Awaitable[Response]] = getattr(shim, op.handler)
+            served = _metered(_KINDS[op.handler], endpoint) if op.mutation else endpoint
             name = f"{family}_{op.handler}"
             for variant in (path, path + "/"):
-                app.router.routes.append(Route(variant, endpoint, methods=[op.method], name=name))
+                app.router.routes.append(Route(variant, served, methods=[op.method], name=name))
             documented.append(
                 APIRoute(
                     path,
@@ -848,6 +1033,15 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
                     response_class=Response,
                 )
             )
+    # Operations: no auth, outside /v1 and /v2 (load balancers and Prometheus call them).
+    ops = Operations(shim)
+    app.state.operations = ops
+    for path, handler in (
+        ("/healthz", ops.healthz),
+        ("/readyz", ops.readyz),
+        ("/metrics", ops.metrics),
+    ):
+        app.router.routes.append(Route(path, handler, methods=["GET"], name=path[1:]))
     _install_error_handlers(app)
     _install_openapi(app, documented)
     return app
@@ -877,6 +1071,7 @@ def _install_openapi(app: FastAPI, routes: list[BaseRoute]) -> None:
 
 def app_from_environment() -> FastAPI:
     """uvicorn factory for worker processes: the settings serve() handed down, else the env."""
+    logs.configure()  # a uvicorn worker process: our format, like its parent's
     raw = os.environ.get(_SETTINGS_ENV)
     settings = Settings.model_validate_json(raw) if raw else get_settings()
     return create_app(settings)
@@ -933,6 +1128,8 @@ def serve(
         "access_log": access_log,
         "server_header": False,
         "log_level": "info",
+        # uvicorn's loggers go to the root logger, in SESSION_WORKER_LOG_FORMAT (logs.py).
+        "log_config": None,
     }
     if workers > 1:
         os.environ[_SETTINGS_ENV] = settings.model_dump_json()

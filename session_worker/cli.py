@@ -43,13 +43,14 @@ from .connection import DEFAULT_URL
 from .errors import ReplyTimeout, SessionWorkerError
 from .models import Reply
 from .settings import Settings
-from .stack import PARENT_PID_ENV, mask_url, redis_url_file
+from .stack import PARENT_PID_ENV, ensure_multiprocess_dir, mask_url, redis_url_file
 
 EXIT_OK = 0
 EXIT_NO_REPLY = 1  # timeout, Redis unreachable, simulate invariant failed
 EXIT_ERROR_REPLY = 2  # the command was answered with an error
 
 URL_ENV = "SESSION_WORKER_REDIS_URL"
+METRICS_PORT_ENV = "SESSION_WORKER_METRICS_PORT"
 
 
 # Settings and the Redis URL ----------------------------------------------------------------
@@ -77,9 +78,10 @@ def load_settings(**overrides: Any) -> tuple[Settings, str]:
 
 
 def _configure_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    """Root logging in SESSION_WORKER_LOG_FORMAT / _LOG_LEVEL (logs.py)."""
+    from .logs import configure
+
+    configure(level)
 
 
 def _follow_parent() -> None:
@@ -397,6 +399,11 @@ def _cmd_worker(args: argparse.Namespace, extra: Sequence[str]) -> NoReturn:
     _follow_parent()
     env = dict(os.environ)
     env[URL_ENV] = settings.redis_url or DEFAULT_URL
+    # The pool's processes write their metrics to one directory; the worker's main process
+    # serves them on --metrics-port (celery_app.py), or `up`'s shim adds them to its own.
+    ensure_multiprocess_dir(env)
+    if args.metrics_port is not None:
+        env[METRICS_PORT_ENV] = str(args.metrics_port)
     argv = worker_argv(settings, extra)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -404,7 +411,9 @@ def _cmd_worker(args: argparse.Namespace, extra: Sequence[str]) -> NoReturn:
 
 
 def _cmd_web(args: argparse.Namespace) -> int:
+    ensure_multiprocess_dir()  # before the shim (and prometheus-client) is imported
     from .api import serve
+    from .metrics import remove_owned_dir
 
     _configure_logging()
     overrides: dict[str, Any] = {}
@@ -412,7 +421,10 @@ def _cmd_web(args: argparse.Namespace) -> int:
         overrides["insecure_no_auth"] = True
     settings, _ = load_settings(**overrides)
     _follow_parent()
-    serve(settings, args.host, args.port, args.workers)
+    try:
+        serve(settings, args.host, args.port, args.workers)
+    finally:
+        remove_owned_dir()
     return EXIT_OK
 
 
@@ -428,12 +440,20 @@ def _stop_on_signals() -> threading.Event:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    ensure_multiprocess_dir()  # before prometheus-client is imported
+    from .metrics import remove_owned_dir, serve_metrics
     from .sweep import run_sweep
 
     _configure_logging()
-    settings, _ = load_settings()
+    overrides = {} if args.metrics_port is None else {"metrics_port": args.metrics_port}
+    settings, _ = load_settings(**overrides)
     _follow_parent()
-    run_sweep(settings, interval=args.interval, stop=_stop_on_signals())
+    try:
+        if settings.metrics_port:
+            serve_metrics(settings.metrics_port)
+        run_sweep(settings, interval=args.interval, stop=_stop_on_signals())
+    finally:
+        remove_owned_dir()
     return EXIT_OK
 
 
@@ -518,6 +538,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port between 1 and 65535, got {value}")
+    return value
+
+
 def _share(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -563,11 +590,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a child may take to stop before it is killed (10)",
     )
 
-    commands.add_parser(
+    worker = commands.add_parser(
         "worker",
         help="one Celery worker on the queue (other options go to `celery worker`)",
         description="One Celery worker consuming the command queue. Options not listed here "
         "are passed to `celery worker` and override the defaults (e.g. --loglevel DEBUG).",
+    )
+    worker.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        help="serve /metrics of the worker and its pool on this port "
+        f"(default: {METRICS_PORT_ENV}, else none)",
     )
 
     web = commands.add_parser("web", help="the HTTP shim (freezer-api compatible)")
@@ -586,6 +620,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help=f"seconds between sweeps ({defaults.deadline_sweep_interval:g})",
+    )
+    sweep.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        help=f"serve /metrics on this port (default: {METRICS_PORT_ENV}, else none)",
     )
 
     sim = commands.add_parser(

@@ -25,9 +25,10 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -40,6 +41,9 @@ from .settings import Settings
 REDIS_URL_FILE = "redis-url"  # in settings.data_dir: the embedded server's URL while `up` runs
 LOCK_FILE = "up.lock"  # in settings.data_dir: held while `up` runs its embedded server there
 PARENT_PID_ENV = "SESSION_WORKER_PARENT_PID"  # children exit with the supervisor (cli.py)
+METRICS_DIR = "metrics"  # in settings.data_dir: the stack's prometheus multiprocess files
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # metrics.py
+OWNED_METRICS_DIR_ENV = "_SESSION_WORKER_METRICS_TMP"  # metrics.OWNED_DIR_ENV
 READY_MARKER = b" ready."  # Celery logs "celery@<name> ready." once it consumes
 
 
@@ -61,6 +65,31 @@ def mask_url(url: str) -> str:
     if parts.port is not None:
         host = f"{host}:{parts.port}"
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def ensure_multiprocess_dir(environ: MutableMapping[str, str] | None = None) -> str:
+    """Make sure PROMETHEUS_MULTIPROC_DIR names a directory (a temporary one when unset).
+
+    prometheus-client picks its multiprocess mode when it is first imported, so the CLI
+    calls this before importing anything that defines metrics; children inherit it. A
+    directory made here is marked (metrics.OWNED_DIR_ENV) and removed when the process ends.
+    """
+    if environ is None:
+        environ = os.environ
+    path = environ.get(MULTIPROC_ENV)
+    if not path:
+        path = tempfile.mkdtemp(prefix="session-worker-metrics-")
+        environ[MULTIPROC_ENV] = path
+        environ[OWNED_METRICS_DIR_ENV] = path
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def clean_multiprocess_dir(path: Path) -> None:
+    """Empty a multiprocess directory of its value files, so a new stack counts from zero."""
+    path.mkdir(parents=True, exist_ok=True)
+    for db in path.glob("*.db"):
+        db.unlink(missing_ok=True)
 
 
 def shim_available() -> bool:
@@ -110,6 +139,7 @@ class Stack:
         self._write_lock = threading.Lock()
         self._announced_ready = False
         self._lock: IO[str] | None = None
+        self.metrics_dir: Path | None = None
 
     # Output ---------------------------------------------------------------------------------
 
@@ -169,6 +199,11 @@ class Stack:
             redis_url_file(self.settings).write_text(self.redis_url + "\n")
         env = dict(os.environ)
         env["SESSION_WORKER_REDIS_URL"] = self.redis_url
+        # Every child writes its metrics here; the shim's /metrics adds them all up.
+        self.metrics_dir = Path(env.get(MULTIPROC_ENV) or data_dir / METRICS_DIR).absolute()
+        clean_multiprocess_dir(self.metrics_dir)
+        env[MULTIPROC_ENV] = str(self.metrics_dir)
+        env.pop(OWNED_METRICS_DIR_ENV, None)
         env[PARENT_PID_ENV] = str(os.getpid())
         env["PYTHONUNBUFFERED"] = "1"
         for i in range(1, self.workers + 1):
@@ -225,6 +260,10 @@ class Stack:
         ]
         if self.web:
             lines.append(f"  web      http://{self.host}:{self.port}  (docs: /docs)")
+            lines.append(
+                f"  metrics  http://{self.host}:{self.port}/metrics  (every process; "
+                "/healthz, /readyz)"
+            )
         else:
             lines.append("  web      off")
         if self.server:
