@@ -13,7 +13,7 @@ from typing import Any, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
 from redis import Redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -78,19 +78,24 @@ def make_redis(
     """
     settings = settings or get_settings()
     socket_timeout = settings.redis_socket_timeout
+    retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3)
+    retry_on_error: list[type[Exception]] = [RedisConnectionError, RedisTimeoutError]
     if wait_timeout is not None:
         socket_timeout = wait_timeout + settings.redis_socket_timeout
+        # No retries: a retried BLPOP would block for its whole timeout again, past the
+        # caller's deadline; replies.wait_reply waits again itself, within the deadline.
+        retry, retry_on_error = Retry(NoBackoff(), retries=0), []
     url = redis_url(settings)
     common: dict[str, Any] = {
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": settings.redis_connect_timeout,
-        "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
+        "retry": retry,
     }
     if is_cluster_url(url):
         return RedisCluster.from_url(cluster_node_url(url), **common)
     return Redis.from_url(
         url,
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        retry_on_error=retry_on_error,
         health_check_interval=30,
         **common,
     )

@@ -14,12 +14,17 @@ import time
 from functools import cache
 from typing import NamedTuple, cast
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from .connection import RedisClient
 from .errors import ReplyTimeout
 from .models import ID_PATTERN, Reply
 
 # A BLPOP timeout under 1 ms would be rounded to 0, which means "block forever".
 _MIN_BLOCK = 0.01
+# After a cut connection, before waiting again (Redis may be restarting).
+_RECONNECT_PAUSE = 0.05
 _ID = ID_PATTERN.removeprefix("^").removesuffix("$")
 
 
@@ -62,26 +67,38 @@ def wait_reply(
 ) -> Reply:
     """Pop the reply from `reply_key`, waiting up to `timeout` seconds for it.
 
-    `client` must have a socket timeout longer than one blocking wait
-    (``connection.make_redis(wait_timeout=...)``): that wait is `timeout`, or `max_block`
-    when given (the wait is then split into BLPOPs of at most that long). Raises
-    errors.ReplyTimeout when nothing arrives in time. BLPOP removes the key once empty.
+    `client` must have a socket timeout longer than one blocking wait, and no retries of its
+    own (``connection.make_redis(wait_timeout=...)``): that wait is `timeout`, or `max_block`
+    when given (the wait is then split into BLPOPs of at most that long). A cut connection
+    is waited on again, within the same deadline. Raises errors.ReplyTimeout when nothing
+    arrives in time. BLPOP removes the key once empty.
     """
     deadline = time.monotonic() + timeout
     remaining = timeout
     while True:
-        if remaining < _MIN_BLOCK:
-            raw = cast("bytes | None", client.lpop(reply_key))
-        else:
-            block = remaining if max_block is None else max(_MIN_BLOCK, min(remaining, max_block))
-            # A float timeout: Redis >= 6 blocks with millisecond precision.
-            popped = cast("list[bytes] | None", client.blpop([reply_key], timeout=block))
-            raw = popped[1] if popped else None
+        try:
+            raw = _pop(client, reply_key, remaining, max_block)
+        except (RedisConnectionError, RedisTimeoutError):
+            # A cut connection: wait again on a new one, for what is left of the timeout only
+            # (a retry inside redis-py would block for the whole original wait once more).
+            time.sleep(min(_RECONNECT_PAUSE, max(0.0, deadline - time.monotonic())))
+            raw = None
         if raw is not None:
             return Reply.model_validate_json(raw)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise ReplyTimeout(_timeout_message(reply_key, timeout))
+
+
+def _pop(
+    client: RedisClient, reply_key: str, remaining: float, max_block: float | None
+) -> bytes | None:
+    if remaining < _MIN_BLOCK:
+        return cast("bytes | None", client.lpop(reply_key))
+    block = remaining if max_block is None else max(_MIN_BLOCK, min(remaining, max_block))
+    # A float timeout: Redis >= 6 blocks with millisecond precision.
+    popped = cast("list[bytes] | None", client.blpop([reply_key], timeout=block))
+    return popped[1] if popped else None
 
 
 def _timeout_message(reply_key: str, timeout: float) -> str:
