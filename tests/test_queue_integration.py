@@ -451,7 +451,7 @@ def test_a_worker_started_before_redis_consumes_once_redis_is_up(
     settings = Settings(redis_url=f"redis://127.0.0.1:{port}/0", queue=queue_name)
     early = start_worker_process(settings, tmp_path / "early.log", concurrency=1)
     try:
-        early.wait_for_log(r"Cannot connect to redis", timeout=READY_TIMEOUT)
+        early.wait_for_log(r"Cannot connect to \S+://", timeout=READY_TIMEOUT)
         with ServerProcess(kind, tmp_path / "data", port=port) as server:
             store = Store(redis.Redis.from_url(server.url), settings)
             make_session(store, "late-redis", jobs=1)
