@@ -5,6 +5,7 @@
     session-worker web [--host H] [--port P] [--workers N]             the HTTP shim
     session-worker sweep [--interval S]                                the run-deadline sweep
     session-worker simulate [--nodes N --sessions S --rounds R ...]    a fleet of nodes
+                            [--via queue|http|mixed] [--http URL ...]   (through shims too)
     session-worker bench [--quick | --full] [--only FAMILIES]          the benchmarks
     session-worker create | show | list | add-job | remove-job | start | end | runs | delete
 
@@ -51,6 +52,7 @@ EXIT_ERROR_REPLY = 2  # the command was answered with an error
 
 URL_ENV = "SESSION_WORKER_REDIS_URL"
 METRICS_PORT_ENV = "SESSION_WORKER_METRICS_PORT"
+TOKEN_ENV = "SESSION_WORKER_TOKEN"  # the X-Auth-Token `simulate` sends to shims
 
 
 # Settings and the Redis URL ----------------------------------------------------------------
@@ -485,6 +487,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     settings, source = load_settings()
     timeout = settings.reply_timeout if args.timeout is None else args.timeout
     seed = random.randrange(1_000_000) if args.seed is None else args.seed
+    via = args.via or ("http" if args.http else "queue")
+    http_urls = list(args.http or [])
+    if via != "queue" and not http_urls:  # the shim `up` runs
+        http_urls = [f"http://{settings.http_host}:{settings.http_port}"]
+    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
     try:
         cfg = SimConfig(
             nodes=args.nodes,
@@ -495,13 +502,15 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             seed=seed,
             project_id=args.project,
             timeout=timeout,
+            via=via,
+            http_urls=tuple(http_urls),
         )
     except ValueError as exc:
         return _fail(str(exc), EXIT_ERROR_REPLY)
     url = mask_url(settings.redis_url or DEFAULT_URL)
     print(f"simulate: Redis {url} (from {source})", file=sys.stderr)
     try:
-        result = run_simulation(cfg, settings, progress=sys.stderr)
+        result = run_simulation(cfg, settings, progress=sys.stderr, token=token)
     except SimulationError as exc:
         return _fail(f"simulate: {exc}", EXIT_NO_REPLY)
     except (RedisError, OSError) as exc:
@@ -639,6 +648,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--hold-off", type=int, default=2, help="sessions' hold_off, seconds (2)")
     sim.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    sim.add_argument(
+        "--via",
+        choices=["queue", "http", "mixed"],
+        default=None,
+        help="how nodes send start and end: the queue, HTTP shims, or some nodes each way "
+        "(default: http when --http is given, else queue)",
+    )
+    sim.add_argument(
+        "--http",
+        action="append",
+        metavar="URL",
+        help="a shim's base URL, e.g. http://10.0.0.5:9090 (repeat for several: nodes take "
+        "them in turn; default with --via http/mixed: "
+        f"http://{defaults.http_host}:{defaults.http_port})",
+    )
+    sim.add_argument(
+        "--token",
+        default=None,
+        help=f"X-Auth-Token for the shims (default: ${TOKEN_ENV}, else none)",
+    )
 
     commands.add_parser(
         "bench",

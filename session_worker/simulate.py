@@ -28,6 +28,13 @@ than its own. A round begins ``hold_off + 1.25`` s after the first reply to a st
 previous round was received (the run began before that reply): outside the previous window,
 so it starts a new run however slow the queue was.
 
+Paths (``--via``): every node sends its starts and ends through the queue (``queue``),
+through an HTTP shim (``http``: the freezer v2 action route, one Idempotency-Key per command,
+repeated with the same key after a connection error or a 503), or some nodes one way and some
+the other (``mixed``: node ``n`` takes path ``n mod (1 + shims)`` of queue, shim 1, shim 2...).
+Several shim URLs are taken round-robin. Sessions are created and jobs added through the queue
+whatever the path, and the invariants checked at the end are the same for every path.
+
 At the end the coordinator reads every session and its run history back (SessionClient.get
 and .runs) and checks the invariants against what the nodes reported
 (:func:`check_invariants`, a pure function, so a test can feed it a doctored history).
@@ -48,17 +55,26 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
+import httpx
+
 from .client import SessionClient
 from .connection import make_redis
 from .errors import ReplyTimeout
+from .keys import KeyBuilder
 from .models import Reply
 from .settings import Settings
+from .stack import mask_url
 
 EAGER_NODE = 0
 LATE_MARGIN = 2.0  # the late node starts this long after the end of the hold-off window
 ROUND_GAP = 1.25  # a round begins hold_off + this after the previous round's first answer
 LEAD = 0.3  # the coordinator names a moment at least this far ahead
 BACKUP_SECONDS = (0.05, 0.3)  # how long a simulated backup takes (uniform)
+
+QUEUE = "queue"  # the path of a node that sends through the queue (else: its shim's URL)
+VIAS = ("queue", "http", "mixed")
+HTTP_CONNECT_TIMEOUT = 3.0  # seconds to open a connection to a shim (within the reply timeout)
+HTTP_RETRY_DELAY = (0.05, 1.0)  # first and largest pause before repeating an HTTP command
 
 
 # Configuration and roles ------------------------------------------------------------------
@@ -82,6 +98,8 @@ class SimConfig:
     project_id: str = "default"
     timeout: float = 10.0
     run_id: str = ""
+    via: str = "queue"  # queue | http | mixed
+    http_urls: tuple[str, ...] = ()  # the shims' base URLs (http, mixed)
 
     def __post_init__(self) -> None:
         if self.nodes < 2:
@@ -92,6 +110,17 @@ class SimConfig:
             raise ValueError("--fail-share must be between 0 and 1")
         if self.hold_off < 1:
             raise ValueError("--hold-off must be at least 1 s (the window is in whole seconds)")
+        if self.via not in VIAS:
+            raise ValueError(f"--via must be one of {', '.join(VIAS)}, got {self.via!r}")
+        urls = tuple(url.rstrip("/") for url in self.http_urls)
+        if self.via == "queue" and urls:
+            raise ValueError("--http URLs are for --via http or mixed, not --via queue")
+        if self.via != "queue" and not urls:
+            raise ValueError(f"--via {self.via} needs at least one --http URL")
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"--http must be an http:// or https:// URL, got {url!r}")
+        object.__setattr__(self, "http_urls", urls)
         if not self.run_id:
             object.__setattr__(self, "run_id", uuid.uuid4().hex[:8])
 
@@ -117,6 +146,20 @@ class SimConfig:
             return []
         count = max(1, self.nodes // 4)
         return list(range(self.late_node - count, self.late_node))
+
+    @property
+    def paths(self) -> list[str]:
+        """Every path some node takes, in order: "queue" first, then the shims' URLs."""
+        return list(dict.fromkeys(self.path(n) for n in range(self.nodes)))
+
+    def path(self, node: int) -> str:
+        """How `node` sends its starts and ends: "queue", or the base URL of its shim."""
+        if self.via == "queue":
+            return QUEUE
+        if self.via == "http":
+            return self.http_urls[node % len(self.http_urls)]
+        targets = (QUEUE, *self.http_urls)
+        return targets[node % len(targets)]
 
     def role(self, node: int, rnd: int) -> str:
         if node == self.late_node and rnd == self.late_round:
@@ -147,6 +190,8 @@ class CommandRecord:
     result: str | None = None
     session_tag: int | None = None
     error: str | None = None  # "<code>: <description>"
+    via: str = QUEUE  # "queue", or the URL of the shim it went through
+    attempts: int = 1  # times it was sent (HTTP: repeated with the same key)
 
 
 @dataclass
@@ -190,14 +235,120 @@ class CommandSender:
             reply = self.client.wait(reply_key, self.timeout)
         except ReplyTimeout:
             return None
-        record.latency = time.perf_counter() - began
-        record.replies.append(reply.request_id)
-        record.ok = reply.ok
-        record.result = reply.result
-        record.session_tag = reply.session_tag
-        if reply.error is not None:
-            record.error = f"{reply.error.code}: {reply.error.description}"
+        _note_reply(record, reply, time.perf_counter() - began)
         return reply
+
+
+def _note_reply(record: CommandRecord, reply: Reply, latency: float) -> None:
+    record.latency = latency
+    record.replies.append(reply.request_id)
+    record.ok = reply.ok
+    record.result = reply.result
+    record.session_tag = reply.session_tag
+    if reply.error is not None:
+        record.error = f"{reply.error.code}: {reply.error.description}"
+
+
+class HttpCommandSender:
+    """Sends start and end through one HTTP shim and records each (thread-confined).
+
+    ``POST {base_url}/v2/{project}/sessions/{id}/action`` with ``{"start": {...}}`` or
+    ``{"end": {...}}`` and a new Idempotency-Key per command. After a connection error, a
+    timeout or a 503 the same request goes again with the same key (the shim applies it once)
+    until `timeout` seconds have passed since the first attempt; then None, like a queue
+    command without a reply. A 202 is the reply; any other status an error reply.
+    """
+
+    KINDS = ("start", "end")
+
+    def __init__(
+        self,
+        http: httpx.Client,
+        base_url: str,
+        project_id: str,
+        node: int,
+        timeout: float,
+        keys: KeyBuilder,
+    ) -> None:
+        self.http = http
+        self.base_url = base_url.rstrip("/")
+        self.project_id = project_id
+        self.node = node
+        self.timeout = timeout
+        self.keys = keys
+        self.records: list[CommandRecord] = []
+
+    def __call__(self, kind: str, session_id: str, **fields: Any) -> Reply | None:
+        if kind not in self.KINDS:
+            raise ValueError(f"{kind} does not go through the shim here (only start, end)")
+        request_id = uuid.uuid4().hex
+        # The key a queue command would have been answered on: nothing may ever land there.
+        reply_key = self.keys.reply(self.project_id, session_id, request_id)
+        record = CommandRecord(
+            self.node, kind, session_id, request_id, reply_key, time.time(), via=self.base_url
+        )
+        record.attempts = 0
+        self.records.append(record)
+        url = f"{self.base_url}/v2/{self.project_id}/sessions/{session_id}/action"
+        began = time.perf_counter()
+        deadline = began + self.timeout
+        pause = HTTP_RETRY_DELAY[0]
+        while True:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return None
+            record.attempts += 1
+            try:
+                response = self.http.post(
+                    url,
+                    json={kind: fields},
+                    headers={"Idempotency-Key": request_id},
+                    timeout=httpx.Timeout(remaining, connect=min(remaining, HTTP_CONNECT_TIMEOUT)),
+                )
+            except httpx.TransportError as exc:
+                record.error = f"{type(exc).__name__}: {exc}"
+                wait = pause
+            else:
+                if response.status_code != 503:
+                    break
+                record.error = f"503: {_describe(response)}"
+                wait = max(pause, _retry_after(response))
+            time.sleep(max(0.0, min(wait, deadline - time.perf_counter())))
+            pause = min(2 * pause, HTTP_RETRY_DELAY[1])
+        record.error = None
+        if response.status_code == 202:
+            body = response.json()
+            reply = Reply(
+                request_id=request_id,
+                session_id=session_id,
+                ok=True,
+                result=body.get("result"),
+                session_tag=body.get("session_tag"),
+            )
+        else:
+            code = f"http_{response.status_code}"
+            reply = Reply.failure(request_id, session_id, code, _describe(response))
+        _note_reply(record, reply, time.perf_counter() - began)
+        return reply
+
+
+def _describe(response: httpx.Response) -> str:
+    """An error response's "title: description" (the shim's JSON body), else its text."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200] or response.reason_phrase
+    if isinstance(body, dict) and "title" in body:
+        return f"{body.get('title')}: {body.get('description', '')}"
+    return str(body)[:200]
+
+
+def _retry_after(response: httpx.Response) -> float:
+    """Seconds a 503 asks us to wait (Retry-After in seconds), at most the largest pause."""
+    try:
+        return min(float(response.headers.get("retry-after", "0")), HTTP_RETRY_DELAY[1])
+    except ValueError:
+        return 0.0
 
 
 def _reply_word(reply: Reply | None) -> str:
@@ -218,8 +369,11 @@ class _JobPlan:
     backup_ok: bool
 
 
+Sender = CommandSender | HttpCommandSender
+
+
 def _run_job(
-    send: CommandSender,
+    send: Sender,
     report: JobReport,
     plan: _JobPlan,
     moment: float,
@@ -233,7 +387,7 @@ def _run_job(
 
 
 def _start_backup_end(
-    send: CommandSender, report: JobReport, plan: _JobPlan, moment: float, tag: int
+    send: Sender, report: JobReport, plan: _JobPlan, moment: float, tag: int
 ) -> None:
     time.sleep(max(0.0, moment + plan.delay - time.time()))
     reply = send("start", report.session_id, job_id=report.job_id, current_tag=tag)
@@ -262,11 +416,17 @@ def _start_backup_end(
 
 
 def node_main(
-    cfg: SimConfig, node: int, settings: Settings, inbox: mp.Queue[Any], outbox: mp.Queue[Any]
+    cfg: SimConfig,
+    node: int,
+    settings: Settings,
+    inbox: mp.Queue[Any],
+    outbox: mp.Queue[Any],
+    token: str | None = None,
 ) -> None:
     """One node: add its jobs, then run every round it is told to, reporting each.
 
-    `settings` are the coordinator's (Redis URL, queue, key prefix), handed over as they are.
+    `settings` are the coordinator's (Redis URL, queue, key prefix), handed over as they are;
+    `token` goes out as X-Auth-Token when the node sends through a shim.
     """
     try:
         rng = random.Random(f"{cfg.seed}:{node}")
@@ -275,12 +435,22 @@ def node_main(
             s: SessionClient(project_id=cfg.project_id, settings=settings, timeout=cfg.timeout)
             for s in sessions
         }
-        senders = {s: CommandSender(clients[s], node, cfg.timeout) for s in sessions}
+        setup = {s: CommandSender(clients[s], node, cfg.timeout) for s in sessions}
+        senders: dict[str, Sender] = dict(setup)
+        https: list[httpx.Client] = []
+        path = cfg.path(node)
+        if path != QUEUE:
+            keys = KeyBuilder(settings.key_prefix)
+            headers = {"X-Auth-Token": token} if token else {}
+            for s in sessions:  # a client per session: each session's jobs run in a thread
+                http = httpx.Client(headers=headers, timeout=cfg.timeout)
+                https.append(http)
+                senders[s] = HttpCommandSender(http, path, cfg.project_id, node, cfg.timeout, keys)
         for s in sessions:
-            reply = senders[s]("add_job", s, job_id=cfg.job_id(s, node), client_id=f"node{node}")
+            reply = setup[s]("add_job", s, job_id=cfg.job_id(s, node), client_id=f"node{node}")
             if reply is None or not reply.ok:
                 raise RuntimeError(f"add_job in {s}: {_reply_word(reply)} {reply}")
-        outbox.put(("ready", node, _drain(senders.values())))
+        outbox.put(("ready", node, _drain(setup.values())))
         tags = dict.fromkeys(sessions, 0)
         while True:
             message = inbox.get()
@@ -321,11 +491,13 @@ def node_main(
             )
         for client in clients.values():
             client.close()
+        for http in https:
+            http.close()
     except BaseException:
         outbox.put(("crash", node, traceback.format_exc()))
 
 
-def _drain(senders: Iterable[CommandSender]) -> list[dict[str, Any]]:
+def _drain(senders: Iterable[Sender]) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     for sender in senders:
         records += [asdict(r) for r in sender.records]
@@ -569,6 +741,39 @@ def round_rows(
     return rows
 
 
+@dataclass
+class PathRow:
+    """The starts and ends that went one way: through the queue or through one shim."""
+
+    path: str  # "queue" or the shim's URL (its password masked)
+    nodes: list[int]
+    commands: int
+    answered: int
+    retried: int  # commands that needed more than one attempt (HTTP)
+    p50_ms: float
+    p99_ms: float
+
+
+def path_rows(cfg: SimConfig, commands: Sequence[CommandRecord]) -> list[PathRow]:
+    """One row per path a node took, counting the round commands (start, end) sent on it."""
+    rows: list[PathRow] = []
+    for path in cfg.paths:
+        sent = [c for c in commands if c.kind in ("start", "end") and c.via == path]
+        latencies = [c.latency for c in sent if c.latency is not None]
+        rows.append(
+            PathRow(
+                path=path if path == QUEUE else mask_url(path),
+                nodes=[n for n in range(cfg.nodes) if cfg.path(n) == path],
+                commands=len(sent),
+                answered=len(latencies),
+                retried=sum(c.attempts > 1 for c in sent),
+                p50_ms=percentile(latencies, 0.50) * 1000,
+                p99_ms=percentile(latencies, 0.99) * 1000,
+            )
+        )
+    return rows
+
+
 def percentile(values: Sequence[float], share: float) -> float:
     """The nearest-rank percentile (share in 0..1) of `values`; 0.0 when empty."""
     if not values:
@@ -622,25 +827,37 @@ class SimResult:
     violations: list[Violation]
     rows: list[RoundRow]
     throughput: dict[str, float]
+    paths: list[PathRow] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.violations
 
     def as_json(self) -> dict[str, Any]:
+        config = asdict(self.config)
+        config["http_urls"] = [mask_url(url) for url in self.config.http_urls]
         return {
             "ok": self.ok,
-            "config": asdict(self.config),
+            "config": config,
             "violations": [asdict(v) for v in self.violations],
             "rounds": [asdict(r) for r in self.rows],
+            "paths": [asdict(p) for p in self.paths],
             "throughput": self.throughput,
         }
 
 
 def run_simulation(
-    cfg: SimConfig, settings: Settings, *, progress: TextIO | None = None
+    cfg: SimConfig,
+    settings: Settings,
+    *,
+    progress: TextIO | None = None,
+    token: str | None = None,
 ) -> SimResult:
-    """Run the fleet against the Redis of `settings` (workers must be consuming)."""
+    """Run the fleet against the Redis of `settings` (workers must be consuming).
+
+    With ``cfg.via`` http or mixed the shims at ``cfg.http_urls`` must serve the same Redis;
+    `token` is sent to them as X-Auth-Token.
+    """
     redis_url = settings.redis_url
     if not redis_url:
         raise SimulationError("no Redis URL")
@@ -663,7 +880,7 @@ def run_simulation(
     processes = [
         ctx.Process(
             target=node_main,
-            args=(cfg, node, settings, inboxes[node], outbox),
+            args=(cfg, node, settings, inboxes[node], outbox, token),
             name=f"sim-node{node}",
             daemon=True,
         )
@@ -675,6 +892,10 @@ def run_simulation(
             f"simulate {cfg.run_id}: {cfg.nodes} nodes, {cfg.sessions} sessions, "
             f"{cfg.rounds} rounds, hold-off {cfg.hold_off} s, seed {cfg.seed}"
         )
+        for path in cfg.paths:
+            nodes = [str(n) for n in range(cfg.nodes) if cfg.path(n) == path]
+            shown = "the queue" if path == QUEUE else mask_url(path)
+            say(f"  node{'s' if len(nodes) > 1 else ''} {', '.join(nodes)}: start/end via {shown}")
         for s in cfg.session_ids:
             document = {
                 "session_id": s,
@@ -750,6 +971,7 @@ def run_simulation(
         violations=violations,
         rows=round_rows(cfg, jobs, store),
         throughput=throughput(round_commands, wall),
+        paths=path_rows(cfg, round_commands),
     )
 
 
@@ -856,8 +1078,25 @@ def format_report(result: SimResult) -> str:
         for r in result.rows
     ]
     t = result.throughput
+    path_table = format_table(
+        ["path", "nodes", "start/end", "answered", "retried", "p50 ms", "p99 ms"],
+        [
+            [
+                p.path,
+                ",".join(str(n) for n in p.nodes),
+                p.commands,
+                p.answered,
+                p.retried,
+                f"{p.p50_ms:.1f}",
+                f"{p.p99_ms:.1f}",
+            ]
+            for p in result.paths
+        ],
+    )
     lines = [
         format_table(headers, rows),
+        "",
+        path_table,
         "",
         f"commands: {int(t['commands'])} in {t['seconds']:.1f} s of rounds "
         f"({t['per_second']:.0f}/s paced by the schedule; {t['per_busy_second']:.0f}/s "
@@ -881,12 +1120,15 @@ def format_report(result: SimResult) -> str:
 
 __all__ = [
     "CommandRecord",
+    "HttpCommandSender",
     "JobReport",
+    "PathRow",
     "SimConfig",
     "SimResult",
     "SimulationError",
     "Violation",
     "check_invariants",
     "format_report",
+    "path_rows",
     "run_simulation",
 ]
