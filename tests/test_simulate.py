@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -15,17 +16,22 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from session_worker import cli, simulate
+from session_worker.keys import KeyBuilder
+from session_worker.redis_server import HOST, free_port
 from session_worker.settings import Settings
 from session_worker.simulate import (
     CommandRecord,
+    HttpCommandSender,
     JobReport,
     SimConfig,
     SimResult,
     check_invariants,
     format_report,
+    path_rows,
     percentile,
     round_rows,
     run_simulation,
@@ -149,6 +155,93 @@ def test_roles_cover_every_rule() -> None:
 def test_config_is_checked(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         SimConfig(**bad)
+
+
+def test_paths_spread_nodes_over_the_queue_and_the_shims() -> None:
+    a, b = "http://10.0.0.1:9090", "http://10.0.0.2:9090"
+    assert [SimConfig(nodes=3).path(n) for n in range(3)] == ["queue"] * 3
+    http = SimConfig(nodes=4, via="http", http_urls=(a + "/", b))
+    assert [http.path(n) for n in range(4)] == [a, b, a, b]
+    mixed = SimConfig(nodes=6, via="mixed", http_urls=(a, b))
+    assert [mixed.path(n) for n in range(6)] == ["queue", a, b, "queue", a, b]
+    assert mixed.paths == ["queue", a, b]
+    # Every role is played on some path other than the queue too.
+    assert (mixed.path(mixed.late_node), mixed.path(mixed.slow_nodes[0])) == (b, a)
+    one = SimConfig(nodes=4, via="mixed", http_urls=(a,))
+    assert [one.path(n) for n in range(4)] == ["queue", a, "queue", a]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"via": "carrier-pigeon"},
+        {"via": "http"},
+        {"via": "mixed"},
+        {"via": "queue", "http_urls": ("http://h:1",)},
+        {"via": "http", "http_urls": ("h:1",)},
+    ],
+)
+def test_paths_are_checked(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        SimConfig(**bad)
+
+
+def http_sender(handler: Any, timeout: float = 5.0) -> HttpCommandSender:
+    client = httpx.Client(transport=httpx.MockTransport(handler))
+    return HttpCommandSender(client, "http://shim:9090/", "acme", 3, timeout, KeyBuilder("sw"))
+
+
+def test_http_commands_are_repeated_with_the_same_key_after_a_cut_or_a_503() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if len(seen) == 1:
+            raise httpx.ConnectError("refused", request=request)
+        if len(seen) == 2:
+            body = {"title": "Service unavailable", "description": "retry"}
+            return httpx.Response(503, json=body, headers={"Retry-After": "0"})
+        return httpx.Response(202, json={"result": "success", "session_tag": 4})
+
+    send = http_sender(handler)
+    reply = send("start", "s1", job_id="s1-n3", current_tag=3)
+    assert reply is not None and reply.ok
+    assert (reply.result, reply.session_tag) == ("success", 4)
+    assert [r.url.path for r in seen] == ["/v2/acme/sessions/s1/action"] * 3
+    assert {r.headers["idempotency-key"] for r in seen} == {send.records[0].request_id}
+    assert all(
+        json.loads(r.content) == {"start": {"job_id": "s1-n3", "current_tag": 3}} for r in seen
+    )
+    record = send.records[0]
+    assert (record.via, record.attempts, record.ok, record.error) == (
+        "http://shim:9090",
+        3,
+        True,
+        None,
+    )
+    assert record.replies == [record.request_id]
+    assert record.reply_key == f"sw:{{acme:s1}}:reply:{record.request_id}"
+
+
+def test_http_error_statuses_are_error_replies_and_silence_is_no_reply() -> None:
+    def not_found(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(404, json={"title": "Not found", "description": "no session s1"})
+
+    send = http_sender(not_found)
+    reply = send("end", "s1", job_id="j", current_tag=1, result="success")
+    assert reply is not None and not reply.ok
+    assert send.records[0].error == "http_404: Not found: no session s1"
+    assert send.records[0].attempts == 1
+
+    def down(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    send = http_sender(down, timeout=0.3)
+    assert send("start", "s1", job_id="j", current_tag=0) is None
+    record = send.records[0]
+    assert record.replies == [] and record.latency is None and record.attempts >= 2
+    with pytest.raises(ValueError):
+        send("add_job", "s1", job_id="j")
 
 
 def test_a_correct_history_passes() -> None:
@@ -308,6 +401,22 @@ def test_simulate_command_exits_1_naming_the_invariant(
     assert "simulate: invariants failed: run-result" in err
 
 
+def test_path_rows_count_round_commands_per_path() -> None:
+    cfg = SimConfig(nodes=3, sessions=1, rounds=1, via="mixed", http_urls=("http://a:1",))
+    s = cfg.session_ids[0]
+    records = [
+        command(0, "add_job", s, "success", 0),
+        command(0, "start", s, "success", 1),
+        replace(command(1, "start", s, "success", 1), via="http://a:1", attempts=2),
+        replace(command(1, "end", s, "success", 1), via="http://a:1", latency=None, replies=[]),
+    ]
+    rows = {r.path: r for r in path_rows(cfg, records)}
+    assert list(rows) == ["queue", "http://a:1"]
+    assert (rows["queue"].nodes, rows["queue"].commands) == ([0, 2], 1)
+    http = rows["http://a:1"]
+    assert (http.nodes, http.commands, http.answered, http.retried) == ([1], 2, 1, 1)
+
+
 def test_percentile_and_throughput() -> None:
     assert percentile([], 0.5) == 0.0
     assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0
@@ -426,3 +535,113 @@ def test_simulate_without_workers_fails_clearly(
     assert cli.main(["simulate", "--timeout", "0.5"]) == 1
     _, err = capsys.readouterr()
     assert "no reply to create in 0.5 s: are workers running?" in err
+
+
+@pytest.fixture
+def scaled_out(redis_url: str, tmp_path: Path) -> Iterator[tuple[dict[str, str], list[str]]]:
+    """3 `session-worker worker` and 2 `session-worker web` processes, each on its own,
+    sharing nothing but the Redis (and the queue's name); the environment for `simulate`
+    and the two shims' URLs. The shims require a token of project "scale"."""
+    token = uuid.uuid4().hex
+    base = clean_env(
+        SESSION_WORKER_REDIS_URL=redis_url, SESSION_WORKER_QUEUE=f"scale-{uuid.uuid4().hex[:8]}"
+    )
+    grants = json.dumps({token: {"project_id": "scale", "user_id": "sim"}})
+    ports: list[int] = []
+    while len(ports) < 2:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    children: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+
+    def spawn(name: str, argv: list[str], env: dict[str, str]) -> None:
+        home = tmp_path / name
+        home.mkdir()
+        with (home / "log").open("wb") as log:
+            proc = subprocess.Popen(
+                [str(CONSOLE_SCRIPT), *argv],
+                cwd=home,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        children.append((name, proc, home / "log"))
+
+    try:
+        for i in range(3):
+            spawn(f"worker{i}", ["worker", "-n", f"scale{i}@%h"], base)
+        for i, port in enumerate(ports):
+            web = ["web", "--host", HOST, "--port", str(port), "--workers", "1"]
+            spawn(f"web{i}", web, base | {"SESSION_WORKER_AUTH_TOKENS": grants})
+        urls = [f"http://{HOST}:{port}" for port in ports]
+        deadline = time.monotonic() + 30
+        waiting = {name for name, _, _ in children}
+        while waiting:
+            for name, proc, log_path in children:
+                log = log_path.read_text(errors="replace")
+                assert proc.poll() is None, f"{name} exited:\n{log}"
+                if name.startswith("worker") and " ready." in log:
+                    waiting.discard(name)
+                elif name.startswith("web"):
+                    try:
+                        url = urls[int(name[3:])]
+                        if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
+                            waiting.discard(name)
+                    except httpx.TransportError:
+                        pass
+            assert time.monotonic() < deadline, f"not ready: {sorted(waiting)}"
+            time.sleep(0.1)
+        yield base | {"SESSION_WORKER_TOKEN": token}, urls
+    finally:
+        for _, proc, _ in children:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for _, proc, _ in children:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(15)
+            # Whatever is left in its group (a worker's pool process).
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for name, _, log_path in children:
+            print(f"--- {name}\n{log_path.read_text(errors='replace')[-2000:]}")
+
+
+@pytest.mark.integration
+def test_simulate_through_two_shims_and_the_queue_with_three_workers(
+    scaled_out: tuple[dict[str, str], list[str]], tmp_path: Path
+) -> None:
+    env, (url1, url2) = scaled_out
+    argv = ["simulate", "--via", "mixed", "--http", url1, "--http", url2, "--project", "scale"]
+    argv += ["--nodes", "6", "--sessions", "2", "--rounds", "3", "--hold-off", "1"]
+    argv += ["--seed", "23", "--fail-share", "0.2", "--json"]
+    done = subprocess.run(
+        [str(CONSOLE_SCRIPT), *argv],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    print(done.stderr)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["ok"] is True
+    assert report["violations"] == []
+    assert report["config"]["via"] == "mixed"
+    assert [r["tag"] for r in report["rounds"]] == [1, 2, 3] * 2
+    paths = {p["path"]: p for p in report["paths"]}
+    assert list(paths) == ["queue", url1, url2]
+    assert [paths[p]["nodes"] for p in paths] == [[0, 3], [1, 4], [2, 5]]
+    for path in paths.values():
+        assert path["commands"] > 0
+        assert path["answered"] == path["commands"]
+    # The late node (5) goes through the second shim, the slow one (4) through the first.
+    late = [r for r in report["rounds"] if r["round"] == 2]
+    assert all(r["out_of_sync"] == 1 and r["joined"] == 1 for r in late)
+    assert "start/end via the queue" in done.stderr
+    assert f"start/end via {url2}" in done.stderr
+    assert len(done.stdout) < 100_000
+    assert env["SESSION_WORKER_TOKEN"] not in done.stdout + done.stderr
