@@ -29,6 +29,7 @@ import redis
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_state_machine_as_test
+from reference_model import Outcome, ReferenceModel
 
 from session_worker.models import (
     AddJobCommand,
@@ -44,8 +45,6 @@ from session_worker.models import (
 )
 from session_worker.settings import Settings
 from session_worker.store import Store
-
-from reference_model import Outcome, ReferenceModel
 
 PROJECT = "proj"
 T0 = 1_700_000_000
@@ -81,7 +80,7 @@ class Sent:
 
 def start(session_id: str, request_id: str, job_id: str, tag: int) -> Sent:
     payload = {"session_id": session_id, "job_id": job_id, "current_tag": tag}
-    cmd = StartCommand(request_id=request_id, project_id=PROJECT, **payload)
+    cmd = StartCommand.model_validate({"request_id": request_id, "project_id": PROJECT, **payload})
     return Sent("start", cmd, {"request_id": request_id, **payload})
 
 
