@@ -242,9 +242,18 @@ class Reply(BaseModel):
     created_at: int | None = None
     detached: list[str] | None = None
     deadline: int | None = None
+    # Return value only (never stored or pushed): the command was answered from its request
+    # record, and `gone` when its session no longer exists (it was deleted since); the store
+    # decides by them which of its steps outside the session's slot to redo.
+    repeated: bool | None = None
+    gone: bool | None = None
 
     _normalise_schedule = field_validator("job_schedule", mode="before")(_empty_list_is_object)
     _normalise_detached = field_validator("detached", mode="before")(_empty_object_is_list)
+
+    def as_stored(self) -> Reply:
+        """This reply as stored under its request id and pushed (no return-only flags)."""
+        return self.model_copy(update={"repeated": None, "gone": None})
 
     def raise_for_error(self) -> Reply:
         """This reply, or the typed error it carries (errors.py)."""

@@ -171,7 +171,7 @@ class Store:
         reply = self._command(
             "add_job", cmd, cmd.session_id, [cmd.job_id, cmd.client_id], remember=remember
         )
-        if reply.ok:
+        if reply.ok and not reply.gone:
             self._attach_job(cmd, cmd.session_id, cmd.job_id, reply)
         return reply
 
@@ -190,7 +190,7 @@ class Store:
         reply = self._command(
             "create", cmd, session_id, _document_args(doc, defaults), remember=remember
         )
-        if reply.ok:
+        if reply.ok and not reply.gone:
             self._index(cmd.project_id, session_id, reply)
             self._attach_jobs(cmd, session_id, doc, reply)
         return reply
@@ -204,7 +204,7 @@ class Store:
         reply = self._command(
             "replace", cmd, cmd.session_id, _document_args(doc, defaults), remember=remember
         )
-        if reply.ok:
+        if reply.ok and not reply.gone:
             self._index(cmd.project_id, cmd.session_id, reply)
             for job_id in reply.detached or ():
                 self._detach_job(cmd.project_id, cmd.session_id, job_id)
@@ -215,14 +215,15 @@ class Store:
         reply = self._command(
             "update", cmd, cmd.session_id, _document_args(cmd.patch, None), remember=remember
         )
-        if reply.ok:
+        if reply.ok and not reply.gone:
             self._schedule_deadline(cmd.project_id, cmd.session_id, reply)
             self._attach_jobs(cmd, cmd.session_id, cmd.patch, reply)
         return reply
 
     def delete(self, cmd: DeleteCommand, *, remember: bool = True) -> Reply:
         reply = self._command("delete", cmd, cmd.session_id, remember=remember)
-        if reply.ok:
+        # A repeated delete redoes the steps below unless the session was created again since.
+        if reply.ok and (reply.gone or not reply.repeated):
             for job_id in reply.detached or ():
                 self._detach_job(cmd.project_id, cmd.session_id, job_id)
             self.client.zrem(self.keys.deadlines(), f"{cmd.project_id}:{cmd.session_id}")
@@ -242,7 +243,7 @@ class Store:
         self._schedule_deadline(project_id, session_id, reply)
 
     def _schedule_deadline(self, project_id: str, session_id: str, reply: Reply) -> None:
-        if reply.ok and reply.deadline is not None:
+        if reply.ok and not reply.gone and reply.deadline is not None:
             self.client.zadd(self.keys.deadlines(), {f"{project_id}:{session_id}": reply.deadline})
 
     def _attach_jobs(self, cmd: Command, session_id: str, doc: SessionFields, reply: Reply) -> None:

@@ -36,6 +36,9 @@ class Job:
     time_started: int = -1
     time_ended: int = -1
     member: bool = False  # a member of the current run
+    # The job has a state of its own in the current run (it started, ended, or the
+    # out-of-sync rule aborted it); an `aborted` written by the run's close is not its own.
+    own: bool = False
 
     def state(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in STATE_FIELDS}
@@ -45,6 +48,7 @@ class Job:
 
     def reset(self) -> None:
         self.status, self.result, self.time_started, self.time_ended = SCHEDULED, "", -1, -1
+        self.own = False
 
 
 @dataclass
@@ -58,6 +62,11 @@ class Run:
     result: str = ""
     closed: str = ""  # how it completed: "completed", "deadline" or "superseded"
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Member jobs that reported in this run (started, ended, or were aborted by the
+    # out-of-sync rule); the others' entries only say what the run did to them.
+    reported: set[str] = field(default_factory=set)
+    # Member jobs whose `aborted` was written by the run's close (deadline or superseded).
+    aborted_by_close: set[str] = field(default_factory=set)
 
     def document(self) -> dict[str, Any]:
         return {
@@ -106,7 +115,6 @@ class Session:
     version: int = 1
     jobs: dict[str, Job] = field(default_factory=dict)
     runs: dict[int, Run] = field(default_factory=dict)
-    requests: dict[str, tuple[str, Outcome]] = field(default_factory=dict)
 
     def document(self) -> dict[str, Any]:
         return {
@@ -144,6 +152,10 @@ class ReferenceModel:
         self.history_limit = history_limit
         self.sessions: dict[str, Session] = {}
         self.records: dict[str, str] = {}
+        # Request records per session id (fingerprint, reply). They belong to the session's
+        # id, not to one incarnation of it: they outlive a delete (README "Request records"),
+        # and a session created again under the id keeps them.
+        self.requests: dict[str, dict[str, tuple[str, Outcome]]] = {}
         self._changed = False
 
     # The command layer ----------------------------------------------------------------------
@@ -153,18 +165,20 @@ class ReferenceModel:
         session_id = payload["session_id"]
         request_id = payload["request_id"]
         fp = fingerprint(kind, payload)
-        session = self.sessions.get(session_id)
-        if session is not None and request_id in session.requests:
-            stored_fp, stored = session.requests[request_id]
+        # A request record answers whether or not the session exists now (SPEC §5: the same
+        # request id returns the stored reply; another command under it is refused).
+        records = self.requests.get(session_id, {})
+        if request_id in records:
+            stored_fp, stored = records[request_id]
             if stored_fp == fp:
                 return stored, True
             return Outcome.failure("idempotency_mismatch"), False
         outcome = self._fresh(kind, payload, now)
-        # Reading: delete removes the session's request records together with the session,
-        # so nothing is left to remember the delete's own reply under.
-        target = self.sessions.get(session_id)
-        if outcome.error != "not_found" and target is not None:
-            target.requests[request_id] = (fp, outcome)
+        # README "Request records": a not_found reply is not remembered; every other one is,
+        # and a delete forgets none of them: a command repeated after the delete (a create
+        # redelivered late, say) gets its first answer and is not applied again.
+        if outcome.error != "not_found":
+            self.requests.setdefault(session_id, {})[request_id] = (fp, outcome)
         return outcome, False
 
     def _fresh(self, kind: str, payload: dict[str, Any], now: int) -> Outcome:
@@ -254,19 +268,23 @@ class ReferenceModel:
         if inside:
             if tag == big_t:
                 return Outcome(ok=True, result="hold-off", session_tag=big_t)
-            # Reading: "run T already completed, or job not a member" is checked before
-            # "already started": a job that the deadline aborted is told out-of-sync.
-            if s.status != RUNNING or not job.member:
-                return Outcome(ok=True, result="out-of-sync", session_tag=big_t)
-            if job.status == SCHEDULED:
+            # README "start, inside the hold-off, lower tag": the rows are applied in order,
+            # so a job that already started in run T is told success even once run T has
+            # completed; one whose only state there is the close's `aborted` is out-of-sync.
+            if s.status == RUNNING and job.member and job.status == SCHEDULED:
                 job.status, job.result, job.time_started = RUNNING, "", now
+                job.own = True
                 self._record(s, job_id)
-            return Outcome(ok=True, result="success", session_tag=big_t)
+                return Outcome(ok=True, result="success", session_tag=big_t)
+            if job.own:
+                return Outcome(ok=True, result="success", session_tag=big_t)
+            return Outcome(ok=True, result="out-of-sync", session_tag=big_t)
         if tag == big_t:
             self._new_run(s, job_id, now)
             return Outcome(ok=True, result="success", session_tag=s.session_tag)
         if s.status == RUNNING and job.member and job.status == SCHEDULED:
             job.status, job.result, job.time_ended = COMPLETED, "aborted", now
+            job.own = True
             self._record(s, job_id)
             self._recompute(s, now)
         return Outcome(ok=True, result="out-of-sync", session_tag=big_t)
@@ -283,9 +301,12 @@ class ReferenceModel:
             job.member = True
             job.reset()
         starter = s.jobs[job_id]
-        starter.status, starter.time_started = RUNNING, now
+        starter.status, starter.time_started, starter.own = RUNNING, now, True
         s.runs[s.session_tag] = Run(
-            s.session_tag, now, jobs={j: job.state() for j, job in s.jobs.items()}
+            s.session_tag,
+            now,
+            jobs={j: job.state() for j, job in s.jobs.items()},
+            reported={job_id},
         )
         for old in sorted(s.runs)[: -self.history_limit]:
             del s.runs[old]
@@ -312,11 +333,18 @@ class ReferenceModel:
         if tag < s.session_tag:
             run = s.runs.get(tag)
             entry = run.jobs.get(job_id) if run is not None else None
-            if entry is not None and entry["status"] != COMPLETED:
+            # README "Late ends": the `aborted` a deadline or a newer run wrote is replaced by
+            # the real result; an end or the out-of-sync rule's `aborted` is not.
+            if run is not None and entry is not None and (
+                entry["status"] != COMPLETED or job_id in run.aborted_by_close
+            ):
                 entry.update(status=COMPLETED, result=result, time_ended=now)
+                run.aborted_by_close.discard(job_id)
+                run.reported.add(job_id)
                 self._changed = True
             return Outcome(ok=True, result="out-of-sync", session_tag=s.session_tag)
         job.status, job.result, job.time_ended = COMPLETED, result, now
+        job.own = True
         self._changed = True
         self._record(s, job_id)
         self._recompute(s, now)
@@ -346,10 +374,14 @@ class ReferenceModel:
         if job is not None:
             self._changed = True
             # Reading: a member removed from the running run leaves that run's history (it
-            # lists member jobs only); a completed run's history keeps it.
+            # lists member jobs only). README "History membership": a closed run keeps it
+            # only if it reported there; one that never did no longer appears in that run.
             run = session.runs.get(session.session_tag)
             if job.member and session.status == RUNNING and run is not None:
                 run.jobs.pop(job_id, None)
+            for old in session.runs.values():
+                if job_id not in old.reported:
+                    old.jobs.pop(job_id, None)
             self._recompute(session, now)
             if self.records.get(job_id) == session_id:
                 self.records[job_id] = ""
@@ -378,6 +410,8 @@ class ReferenceModel:
         run = s.runs.get(s.session_tag)
         if job.member and run is not None:
             run.jobs[job_id] = job.state()
+            run.reported.add(job_id)
+            run.aborted_by_close.discard(job_id)
 
     def _recompute(self, s: Session, now: int) -> None:
         if s.status != RUNNING:
@@ -394,12 +428,22 @@ class ReferenceModel:
             self._close(s, now, "deadline")
 
     def _close(self, s: Session, now: int, how: str) -> None:
-        """Close the running run as failed: its unfinished member jobs are aborted."""
+        """Close the running run as failed: its unfinished member jobs are aborted.
+
+        Reading: the close is a change of its own (+1 to `_version`), whichever command or
+        read applies it, so the version never depends on whether anyone read in between.
+        """
+        changed = self._changed
+        run = s.runs.get(s.session_tag)
         for job_id, job in s.members().items():
             if job.status != COMPLETED:
                 job.status, job.result, job.time_ended = COMPLETED, "aborted", now
-                self._record(s, job_id)
+                if run is not None:
+                    run.jobs[job_id] = job.state()
+                    run.aborted_by_close.add(job_id)
         self._complete(s, now, "fail", how)
+        s.version += 1
+        self._changed = changed
 
     def _complete(self, s: Session, now: int, result: str, how: str) -> None:
         s.status, s.result = COMPLETED, result

@@ -9,14 +9,22 @@ the reply, both session documents, both run histories and every job's record.
 
 Readings of the specification that the model makes (each also marked in the model):
 - before its first run a session's jobs are members of no run (`member` false);
-- inside the hold-off window with a lower tag, "run T completed, or job not a member"
-  (out-of-sync) is checked before "job already started" (success): a job whose part the
-  deadline aborted is told out-of-sync;
-- a member removed while its run is running leaves that run's history; a completed run's
-  history keeps it;
+- inside the hold-off window with a lower tag, the rows of SPEC §3 apply in order (README):
+  a job that already started (or ended) in run T is told success even once run T has
+  completed; a job whose only state in run T is the `aborted` of its close is out-of-sync;
+- a member removed while its run is running leaves that run's history; a closed run's
+  history keeps it only if it reported in that run (README "History membership");
 - a run deadline (and a superseding start) is a completion: it sets the session's
   time_end and time_ended to the time it was applied, not to time_start + run_timeout;
-- delete forgets the session's request records, its own reply included.
+- closing a run (deadline or superseded) is a change of its own: `_version` +1, and +1 more
+  for the command that applied it if that changed anything, so the version never depends
+  on whether a read applied the deadline first;
+- delete keeps the session's request records until they expire: a command repeated after
+  the delete (a redelivered create, say) gets its first answer and changes nothing, and a
+  session created again under the id keeps them (README "Request records").
+
+The Store remembers request ids for longer than any example's clock can move, so that no
+record expires during an example (expiry is pinned by tests/test_store.py, not modelled).
 """
 
 from __future__ import annotations
@@ -49,6 +57,8 @@ from session_worker.store import Store
 PROJECT = "proj"
 T0 = 1_700_000_000
 HISTORY_LIMIT = 3
+# Far beyond the clock's reach in one example (at most stateful_step_count * 10^6 seconds).
+REQUEST_TTL = 10**9
 SESSIONS = ("s1", "s2")
 JOBS = ("a", "b", "c", "d")
 RESULTS = ("success", "fail", "aborted")
@@ -181,7 +191,7 @@ class StoreVersusModel(RuleBasedStateMachine):
         self.client.flushall()
         self.now = T0
         self.store = Store(
-            self.client, Settings(history_limit=HISTORY_LIMIT), clock=lambda: self.now
+            self.client, Settings(history_limit=HISTORY_LIMIT, request_ttl=REQUEST_TTL), clock=lambda: self.now
         )
         self.model = ReferenceModel(HISTORY_LIMIT)
         self.sent: list[Sent] = []
@@ -204,7 +214,8 @@ class StoreVersusModel(RuleBasedStateMachine):
         compare_reply(reply, outcome)
         key = (sent.payload["session_id"], sent.command.request_id)
         if replayed:
-            assert reply == self.stored[key], "a repeated command got another reply"
+            assert reply.repeated, "a repeated command was not answered from its record"
+            assert reply.as_stored() == self.stored[key], "a repeated command got another reply"
         elif outcome.error not in ("not_found", "idempotency_mismatch"):
             self.stored[key] = reply
         self.sent.append(sent)

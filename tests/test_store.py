@@ -259,7 +259,8 @@ def test_a_repeated_request_gets_the_same_reply_and_no_second_effect(
     state = {k: backend.dump(k) for k in slot_keys(backend, s1)}
 
     again = store.apply(kind, first_cmd)
-    assert again == first
+    assert (again.repeated, again.gone) == (True, True if kind == "delete" else None)
+    assert again.as_stored() == first
     assert listener.drain() == []
     assert {k: backend.dump(k) for k in slot_keys(backend, s1)} == state
 
@@ -269,7 +270,7 @@ def test_a_repeated_request_gets_the_same_reply_and_no_second_effect(
     assert listener.drain() == []
     assert {k: backend.dump(k) for k in slot_keys(backend, s1)} == state
     # The refusal was not stored: the first command still gets its first reply.
-    assert store.apply(kind, first_cmd) == first
+    assert store.apply(kind, first_cmd).as_stored() == first
 
 
 def test_a_repeated_request_pushes_its_reply_again(store: Store, s1: str) -> None:
@@ -280,7 +281,7 @@ def test_a_repeated_request_pushes_its_reply_again(store: Store, s1: str) -> Non
     pushed = store.client.lrange(reply_key, 0, -1)
     assert len(pushed) == 1 and Reply.model_validate_json(pushed[0]) == first
     store.client.delete(reply_key)
-    assert store.start(cmd) == first
+    assert store.start(cmd).as_stored() == first
     pushed = store.client.lrange(reply_key, 0, -1)
     assert len(pushed) == 1 and Reply.model_validate_json(pushed[0]) == first
     ttl = store.client.ttl(reply_key)
@@ -432,7 +433,7 @@ def test_create_without_an_id_derives_it_from_the_request(store: Store) -> None:
     first = store.create(create_cmd(None, request_id=rid))
     assert first.ok and first.session_id == derived_session_id(PROJECT, rid)
     again = store.create(create_cmd(None, request_id=rid))
-    assert again == first
+    assert again.as_stored() == first
     assert [d["session_id"] for d in store.list_sessions(PROJECT)] == [first.session_id]
 
 
@@ -558,13 +559,43 @@ def test_delete(store: Store, s1: str, backend: redis.Redis) -> None:
     assert store.list_sessions(PROJECT) == []
     assert backend.zcard(store.keys.project_index(PROJECT)) == 0
     assert backend.zcard(store.keys.deadlines()) == 0
+    # Only the request records are left (create, start, update, delete), until their TTL.
     keys = store.keys.session(PROJECT, s1)
     assert slot_keys(backend, s1) == {keys.requests, keys.requests_expiry}
-    assert backend.hkeys(keys.requests) == [rid.encode()]
-    assert backend.zrange(keys.requests_expiry, 0, -1) == [rid.encode()]
+    remembered = set(cast(list[bytes], backend.hkeys(keys.requests)))
+    assert rid.encode() in remembered and len(remembered) == 4
+    assert set(cast(list[bytes], backend.zrange(keys.requests_expiry, 0, -1))) == remembered
     assert 0 < backend.ttl(keys.requests) <= store.settings.request_ttl
-    assert store.delete(delete_cmd(s1, rid)) == reply
+    assert 0 < backend.ttl(keys.requests_expiry) <= store.settings.request_ttl
+    again = store.delete(delete_cmd(s1, rid))
+    assert (again.repeated, again.gone) == (True, True) and again.as_stored() == reply
     assert error_of(store.delete(delete_cmd(s1))) == "not_found"
+
+
+def test_a_create_repeated_after_delete_does_not_bring_the_session_back(
+    store: Store, backend: redis.Redis
+) -> None:
+    created_rid, start_rid = new_id(), new_id()
+    created = store.create(create_cmd("s9", "a", "b", request_id=created_rid, run_timeout=60))
+    started = store.start(start_cmd("s9", "a", 0, start_rid))
+    assert created.ok and started.ok and started.deadline is not None
+    store.delete(delete_cmd("s9")).raise_for_error()
+    # A redelivered create (and start) after the delete: the first answers, nothing applied.
+    create_again = store.create(create_cmd("s9", "a", "b", request_id=created_rid, run_timeout=60))
+    start_again = store.start(start_cmd("s9", "a", 0, start_rid))
+    assert create_again.gone is True and create_again.as_stored() == created
+    assert start_again.gone is True and start_again.as_stored() == started
+    assert store.get(PROJECT, "s9") is None
+    assert store.list_sessions(PROJECT) == []
+    assert backend.zcard(store.keys.project_index(PROJECT)) == 0
+    assert backend.zcard(store.keys.deadlines()) == 0
+    for job in ("a", "b"):
+        record = store.job_record(PROJECT, job)
+        assert record is not None and record.session_id == ""
+    # A new create under the id (a new request) works, and a start on it is fresh.
+    store.create(create_cmd("s9", "a")).raise_for_error()
+    fresh = store.start(start_cmd("s9", "a", 0))
+    assert (fresh.ok, fresh.result, fresh.session_tag, fresh.gone) == (True, "success", 1, None)
 
 
 def test_a_session_created_again_after_delete_keeps_its_records(
@@ -572,10 +603,15 @@ def test_a_session_created_again_after_delete_keeps_its_records(
 ) -> None:
     rid = new_id()
     deleted = store.delete(delete_cmd(s1, rid))
-    store.create(create_cmd(s1)).raise_for_error()
+    store.create(create_cmd(s1, "a")).raise_for_error()
     assert backend.ttl(store.keys.session(PROJECT, s1).requests) == -1
-    assert store.delete(delete_cmd(s1, rid)) == deleted  # still the first answer
+    again = store.delete(delete_cmd(s1, rid))  # still the first answer ...
+    assert (again.repeated, again.gone) == (True, None) and again.as_stored() == deleted
+    # ... and it leaves the new session's index entry and job records alone.
     assert store.get(PROJECT, s1) is not None
+    assert [d["session_id"] for d in store.list_sessions(PROJECT)] == [s1]
+    record = store.job_record(PROJECT, "a")
+    assert record is not None and record.session_id == s1
 
 
 def test_delete_leaves_a_moved_jobs_record_alone(store: Store, s1: str) -> None:
@@ -613,7 +649,7 @@ def test_adding_a_job_to_another_session_moves_it(store: Store, s1: str) -> None
     )
     # A redelivered move answers as before and moves nothing.
     store.add_job(add_cmd(s1, "b")).raise_for_error()  # b goes back to s1 by a new request
-    assert store.add_job(add_cmd("s2", "b", rid)) == moved
+    assert store.add_job(add_cmd("s2", "b", rid)).as_stored() == moved
     record = store.job_record(PROJECT, "b")
     assert record is not None and record.session_id == s1
     s2_doc = store.get(PROJECT, "s2")

@@ -268,7 +268,10 @@ local function refuse(code, description)
 end
 
 -- The stored reply of an earlier call with this request id (pushed again), or nil.
-local function repeated()
+-- `exists` says whether the session exists now. The return value (not what is pushed) adds
+-- `repeated`, and `gone` when the session no longer exists (request records outlive a
+-- delete, delete.lua), so the caller knows which of its steps outside the slot to redo.
+local function repeated(exists)
   if REQUEST_ID == '' then return nil end
   local stored = redis.call('HGET', KEYS[6], REQUEST_ID)
   if not stored then return nil end
@@ -279,7 +282,8 @@ local function repeated()
   end
   local reply = string.sub(stored, bar + 1)
   push_reply(reply)
-  return reply
+  if not exists then return string.sub(reply, 1, -2) .. ',"repeated":true,"gone":true}' end
+  return string.sub(reply, 1, -2) .. ',"repeated":true}'
 end
 
 local function ok(result, s, extra)
@@ -300,11 +304,11 @@ end
 local function open_session()
   local s = load_session()
   if not s then
-    local again = repeated()
+    local again = repeated(false)
     if again then return nil, again end
     return nil, not_found()
   end
-  local again = repeated()
+  local again = repeated(true)
   if again then return nil, again end
   CURRENT = s
   apply_deadline(s)

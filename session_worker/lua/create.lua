@@ -9,7 +9,7 @@
 -- idempotency_mismatch. Jobs of a created running session are members of its current run.
 
 local existing = load_session()
-local again = repeated()
+local again = repeated(existing ~= nil)
 if again then return again end
 if existing then
   return fail('conflict', 'session ' .. SESSION .. ' already exists')

@@ -12,7 +12,7 @@
 -- Run history is kept.
 
 local s = load_session()
-local again = repeated()
+local again = repeated(s ~= nil)
 if again then return again end
 local created = false
 if not s then
