@@ -75,6 +75,9 @@ log = logging.getLogger(__name__)
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _TAG = re.compile(r"[0-9]{1,13}")
 _MAX_INT = 10**12
+# After a store call found Redis unreachable, the shim answers 503 without trying for this
+# long (seconds); see Shim.store.
+UNREACHABLE_HOLD = 0.25
 
 ACTIONS: dict[str, tuple[str, ...]] = {
     "start": ("job_id", "current_tag"),
@@ -334,30 +337,49 @@ class Shim:
         self.auth = Auth(settings.auth_tokens, settings.default_project)
         self.max_body = settings.max_body_bytes
         self._store = store
-        self._owned: RedisClient | None = None
+        self._owned: list[RedisClient] = []
+        self._unreachable_until = 0.0
+
+    def mark_unreachable(self) -> None:
+        """A store call found Redis unreachable: answer 503 at once for a moment."""
+        self._unreachable_until = time.monotonic() + UNREACHABLE_HOLD
 
     @property
     def store(self) -> Store:
-        """The given store, or one over this process's own connection, made on first use."""
+        """The given store, or one over this process's own connection, made on first use.
+
+        Raises StoreUnreachable (a 503) without a Redis call for a moment after a call
+        found Redis unreachable (mark_unreachable): store calls run on the event loop, so
+        during an outage one request a moment pays the connection attempt, not each one.
+        """
+        if self._unreachable_until and time.monotonic() < self._unreachable_until:
+            raise StoreUnreachable("Redis was unreachable a moment ago")
         if self._store is None:
             # Handlers call the store right on the event loop, one call at a time, so one
             # connection per process serves them all without a pool checkout per call (the
             # pool's health check costs a system call). It connects on first use: the shim
-            # starts while Redis is down and answers 503 until it is back.
-            client = make_redis(self.settings)
+            # starts while Redis is down and answers 503 until it is back. It retries a
+            # failed call once, at once, never sleeping on the event loop.
+            client = make_redis(self.settings, retry="immediate")
             if isinstance(client, Redis):
                 client = Redis(
                     connection_pool=client.connection_pool, single_connection_client=True
                 )
-            self._owned = client
-            self._store = metrics.MeteredStore(client, self.settings)
+            # A call without Idempotency-Key leaves no request record, so it is sent at most
+            # once: through a client that never retries, from a pool, whose check of a
+            # connection before each call replaces one the server closed (a restart)
+            # before anything is sent on it. A cut after sending is a 503, never a resend.
+            once = make_redis(self.settings, retry="never")
+            self._owned = [client, once]
+            self._store = metrics.MeteredStore(client, self.settings, once_client=once)
         return self._store
 
     def close(self) -> None:
-        if self._owned is not None:
-            self._owned.close()
-            if isinstance(self._owned, Redis):
-                self._owned.connection_pool.disconnect()
+        for client in self._owned:
+            client.close()
+            if isinstance(client, Redis):
+                client.connection_pool.disconnect()
+        self._owned = []
 
     # Helpers --------------------------------------------------------------------------
 
@@ -902,6 +924,21 @@ def _responses(op: _Op) -> dict[int | str, dict[str, Any]]:
 
 # Error handlers ------------------------------------------------------------------------
 
+
+class StoreUnreachable(redis_errors.ConnectionError):
+    """Redis was found unreachable moments ago; not tried again yet (Shim.store)."""
+
+
+def _is_connect_failure(exc: Exception) -> bool:
+    """Redis could not be connected to at all (refused, unreachable, connect timeout), as
+    opposed to a connection cut in the middle of a call (redis-py's wording tells them apart:
+    utils.format_error_message and Connection.connect)."""
+    if not isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError):
+        return False
+    text = str(exc)
+    return " connecting to " in text or text.startswith("Timeout connecting")
+
+
 _UNAVAILABLE: tuple[type[Exception], ...] = (
     redis_errors.ConnectionError,
     redis_errors.TimeoutError,
@@ -958,7 +995,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(400, BadRequest.title, "; ".join(parts) or "invalid request")
 
     async def unavailable(request: Request, exc: Exception) -> Response:
-        log.warning("redis unavailable: %s", type(exc).__name__)
+        if not isinstance(exc, StoreUnreachable):
+            log.warning("redis unavailable: %s", type(exc).__name__)
+            if _is_connect_failure(exc):
+                request.app.state.shim.mark_unreachable()
         return _error(
             503,
             "Service unavailable",

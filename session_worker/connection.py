@@ -9,7 +9,7 @@ cluster: it takes ``broker_url`` (SESSION_WORKER_BROKER_URL), a plain Redis.
 
 from __future__ import annotations
 
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
 from redis import Redis
@@ -66,30 +66,52 @@ def broker_url(settings: Settings | None = None) -> str:
     return url
 
 
+# How a client retries a call whose connection failed (make_redis's `retry`):
+#   "backoff"   three retries, 0.1 s to 1 s apart: workers, the sweep, node clients;
+#   "immediate" one retry at once, never sleeping: the shim, whose event loop must not
+#               sleep (a stale connection after a Redis restart is replaced; an outage is
+#               a fast 503);
+#   "never"     each call sent at most once: blocking waits, and script calls that leave
+#               no request record (an HTTP call without Idempotency-Key), where a resend
+#               after a lost answer would apply the command twice.
+RetryPolicy: TypeAlias = Literal["backoff", "immediate", "never"]
+
+
+def _retry(policy: RetryPolicy) -> Retry:
+    if policy == "backoff":
+        return Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3)
+    return Retry(NoBackoff(), retries=1 if policy == "immediate" else 0)
+
+
 def make_redis(
-    settings: Settings | None = None, *, wait_timeout: float | None = None
+    settings: Settings | None = None,
+    *,
+    wait_timeout: float | None = None,
+    retry: RetryPolicy = "backoff",
 ) -> RedisClient:
     """A client for commands, or (with `wait_timeout`) for blocking waits of that length.
 
-    Retrying a script call after a cut connection is safe: a command that already ran is
-    answered from its request record. A blocking wait gets a socket timeout longer than the
-    wait itself, so it ends with our timeout error, not a socket error. A cluster URL gives a
-    RedisCluster client (see the module docstring).
+    Retrying a script call after a cut connection is safe when the command carries a request
+    id: a command that already ran is answered from its request record. A command without
+    one must go through a client made with ``retry="never"`` (see RetryPolicy). A blocking
+    wait gets a socket timeout longer than the wait itself and no retries (a retried BLPOP
+    would block for its whole timeout again, past the caller's deadline; replies.wait_reply
+    waits again itself, within the deadline), so it ends with our timeout error, not a
+    socket error. A cluster URL gives a RedisCluster client (see the module docstring).
     """
     settings = settings or get_settings()
     socket_timeout = settings.redis_socket_timeout
-    retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3)
-    retry_on_error: list[type[Exception]] = [RedisConnectionError, RedisTimeoutError]
     if wait_timeout is not None:
         socket_timeout = wait_timeout + settings.redis_socket_timeout
-        # No retries: a retried BLPOP would block for its whole timeout again, past the
-        # caller's deadline; replies.wait_reply waits again itself, within the deadline.
-        retry, retry_on_error = Retry(NoBackoff(), retries=0), []
+        retry = "never"
+    retry_on_error: list[type[Exception]] = (
+        [] if retry == "never" else [RedisConnectionError, RedisTimeoutError]
+    )
     url = redis_url(settings)
     common: dict[str, Any] = {
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": settings.redis_connect_timeout,
-        "retry": retry,
+        "retry": _retry(retry),
     }
     if is_cluster_url(url):
         return RedisCluster.from_url(cluster_node_url(url), **common)

@@ -40,6 +40,9 @@ from .settings import Settings, get_settings
 _INTERNAL = ("members", "done", "failed", "closed", "hist_min", "created_at", "version")
 _INTERNAL_FIELDS = (*_INTERNAL, "run_completed")  # run_completed: a read's note for metrics
 
+# Scripts that change nothing (they may apply a passed deadline, which is idempotent).
+READ_SCRIPTS = frozenset({"read", "runs"})
+
 _SESSION_NAMESPACE = uuid.UUID("4b6f1c1e-52a3-4c36-9e0d-5e3c1f0a7d21")
 
 
@@ -92,8 +95,13 @@ class Store:
         settings: Settings | None = None,
         *,
         clock: Callable[[], int] | None = None,
+        once_client: RedisClient | None = None,
     ) -> None:
         self.client = client
+        # Commands that leave no request record (remember=False) go through `once_client`
+        # when given: a client that never retries (connection.make_redis(retry="never")),
+        # because a call retried after its answer was lost would apply the command twice.
+        self.once_client = once_client
         self.settings = settings or get_settings()
         self.keys = KeyBuilder(self.settings.key_prefix)
         self.scripts = Scripts(client)
@@ -124,7 +132,9 @@ class Store:
             session_id,
             *args,
         ]
-        return self.scripts[script](keys=list(keys), args=argv)
+        once = not request_id and script not in READ_SCRIPTS
+        client = self.once_client if once and self.once_client is not None else self.client
+        return self.scripts[script](keys=list(keys), args=argv, client=client)
 
     def _command(
         self,

@@ -7,7 +7,9 @@ refusal to serve without auth on a public address.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,7 +22,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from session_worker.api import check_bind, create_app, serve
+from session_worker.api import UNREACHABLE_HOLD, check_bind, create_app, serve
 from session_worker.keys import KeyBuilder
 from session_worker.models import (
     AddJobCommand,
@@ -740,10 +742,36 @@ def test_the_shim_starts_without_redis_and_serves_once_it_is_up(
         assert_error(response, 503)
         assert response.headers["retry-after"] == "1"
         with ServerProcess(server_kind, tmp_path, port=port) as server:
+            time.sleep(UNREACHABLE_HOLD)  # the shim tries again once its hold has passed
             assert_error(api.get(f"{V2}/s1"), 404)
             assert api.post(V2, json={"session_id": "s1"}).status_code == 201
             server.restart()  # a server without persistence: it comes back empty
             assert api.post(V2, json={"session_id": "s2"}).status_code == 201
+    finally:
+        api.close()
+        app.state.shim.close()
+
+
+def test_while_redis_is_unreachable_the_shim_answers_503_without_trying_each_time(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Store calls run on the event loop: during an outage only one request a moment pays
+    for a connection attempt; the others are answered 503 at once."""
+    settings = Settings(redis_url=f"redis://127.0.0.1:{_closed_port()}/0")
+    app = create_app(settings)
+    api = Api(app)
+    try:
+        with caplog.at_level(logging.WARNING, logger="session_worker.api"):
+            for _ in range(5):
+                response = api.get(f"{V2}/s1")
+                assert_error(response, 503)
+                assert response.headers["retry-after"] == "1"
+            tried = [r for r in caplog.records if "redis unavailable" in r.getMessage()]
+            assert len(tried) == 1
+            time.sleep(UNREACHABLE_HOLD)
+            assert_error(api.get(f"{V2}/s1"), 503)
+            tried = [r for r in caplog.records if "redis unavailable" in r.getMessage()]
+            assert len(tried) == 2
     finally:
         api.close()
         app.state.shim.close()

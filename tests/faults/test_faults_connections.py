@@ -184,6 +184,83 @@ def test_a_worker_and_the_shim_cut_before_the_script_answer_apply_once(
     figures("4 worker and shim cut before the script answer", **tally.line(), cuts=cuts)
 
 
+def _version(store: Store, session_id: str) -> int:
+    doc = store.get(PROJECT, session_id)
+    assert doc is not None
+    return int(doc["_version"])
+
+
+def test_a_call_without_a_request_record_is_sent_at_most_once(
+    proxy: TcpProxy, settings: Settings, store: Store
+) -> None:
+    """An HTTP call without Idempotency-Key leaves no request record, so nothing could answer
+    a resend: the store sends it through its no-retry client, and a cut costs an error, not
+    a second effect. The same cut on the retrying client applies the command twice (the
+    reason the no-retry client exists)."""
+    from session_worker.connection import make_redis
+
+    make_sessions(store, 2, "once")
+    via_proxy = settings.model_copy(update={"redis_url": proxy.url})
+    retrying, once = make_redis(via_proxy), make_redis(via_proxy, retry="never")
+    try:
+        applied = {}
+        for session_id, cut_store in (
+            ("once0", Store(retrying, via_proxy, once_client=once)),
+            ("once1", Store(retrying, via_proxy)),
+        ):
+            cut_store.get(PROJECT, session_id)  # loads the read script
+            warm = UpdateCommand(
+                request_id=uuid.uuid4().hex,
+                project_id=PROJECT,
+                session_id=session_id,
+                patch={"description": "warm"},  # type: ignore[arg-type]
+            )
+            cut_store.update(warm, remember=False).raise_for_error()  # loads update.lua
+            before = _version(store, session_id)
+            marker = f"cut-{uuid.uuid4().hex}"
+            cmd = warm.model_copy(
+                update={"patch": warm.patch.model_copy(update={"description": marker})}
+            )
+            cut = proxy.cut_after(b"EVALSHA", marker.encode())
+            if cut_store.once_client is not None:
+                with pytest.raises(redis.ConnectionError):
+                    cut_store.update(cmd, remember=False)
+            else:
+                cut_store.update(cmd, remember=False).raise_for_error()  # resent, answered
+            assert cut.wait(5)  # (set just after the proxy closed the connection)
+            doc = store.get(PROJECT, session_id)
+            assert doc is not None and doc["description"] == marker
+            applied[session_id] = _version(store, session_id) - before
+    finally:
+        retrying.close()
+        once.close()
+    assert applied["once0"] == 1, "the no-retry client applied the command more than once"
+    assert applied["once1"] == 2, "the retrying client was expected to send the call again"
+    figures("4 call without request record cut", applied_once=applied["once0"])
+
+
+def test_a_shim_call_without_idempotency_key_cut_before_its_answer_is_a_503_applied_once(
+    proxy: TcpProxy, fleet: Fleet, settings: Settings, store: Store
+) -> None:
+    make_sessions(store, 1, "nokey")
+    via_proxy = settings.model_copy(update={"redis_url": proxy.url})
+    shim = fleet.shim(settings=via_proxy)
+    path = f"/v2/{PROJECT}/sessions/nokey0"
+    assert shim.http.patch(path, json={"description": "warm"}).status_code == 200
+    before = _version(store, "nokey0")
+    marker = f"cut-{uuid.uuid4().hex}"
+    cut = proxy.cut_after(b"EVALSHA", marker.encode())
+    response = shim.http.patch(path, json={"description": marker})
+    assert cut.wait(5)
+    assert response.status_code == 503, response.text
+    assert response.headers.get("retry-after")
+    assert set(response.json()) == {"title", "description"}
+    assert _version(store, "nokey0") == before + 1
+    # The shim goes on serving on a fresh connection.
+    assert shim.http.patch(path, json={"description": "after"}).status_code == 200
+    assert _version(store, "nokey0") == before + 2
+
+
 def test_a_reply_popped_but_never_delivered_costs_one_resend(
     proxy: TcpProxy, fleet: Fleet, settings: Settings, store: Store
 ) -> None:
