@@ -49,6 +49,7 @@ from .stack import PARENT_PID_ENV, ensure_multiprocess_dir, mask_url, redis_url_
 EXIT_OK = 0
 EXIT_NO_REPLY = 1  # timeout, Redis unreachable, simulate invariant failed
 EXIT_ERROR_REPLY = 2  # the command was answered with an error
+EXIT_BROKEN_PIPE = 141  # stdout closed by its reader (128 + SIGPIPE, as a shell reports it)
 
 URL_ENV = "SESSION_WORKER_REDIS_URL"
 METRICS_PORT_ENV = "SESSION_WORKER_METRICS_PORT"
@@ -69,7 +70,7 @@ def resolve_redis_url(settings: Settings) -> tuple[str, str]:
         url = ""
     if url:
         return url, str(path)
-    return DEFAULT_URL, "default"
+    return DEFAULT_URL, f"the default: no {URL_ENV}, and no {path} (no `session-worker up` here)"
 
 
 def load_settings(**overrides: Any) -> tuple[Settings, str]:
@@ -360,6 +361,10 @@ def _run_node_command(args: argparse.Namespace) -> int:
         )
     except SessionWorkerError as exc:
         return _fail(f"{exc.code}: {exc.description}", EXIT_ERROR_REPLY)
+    except BrokenPipeError:
+        # The reader of our output went away (`... | head`): not a Redis problem.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except (RedisError, OSError) as exc:
         hint = "start the stack with `session-worker up` or set " + URL_ENV
         return _fail(

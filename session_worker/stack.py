@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +46,17 @@ METRICS_DIR = "metrics"  # in settings.data_dir: the stack's prometheus multipro
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # metrics.py
 OWNED_METRICS_DIR_ENV = "_SESSION_WORKER_METRICS_TMP"  # metrics.OWNED_DIR_ENV
 READY_MARKER = b" ready."  # Celery logs "celery@<name> ready." once it consumes
+WEB_READY_MARKER = b"Application startup complete."  # uvicorn, once per server process
+
+
+def _this_command() -> str:
+    """How to call session-worker from a shell here: its name if on PATH, else its path."""
+    if shutil.which("session-worker"):
+        return "session-worker"
+    script = Path(sys.argv[0])
+    if script.name == "session-worker" and script.exists():
+        return os.path.relpath(script) if not script.is_absolute() else str(script)
+    return "session-worker"
 
 
 class StackStartError(RuntimeError):
@@ -253,7 +265,7 @@ class Stack:
         url = mask_url(self.redis_url)
         where = "embedded valkey-server" if self.server else "from SESSION_WORKER_REDIS_URL"
         lines = [
-            "session-worker is up",
+            "session-worker is starting (a 'ready:' line follows once it serves)",
             f"  redis    {url}  ({where})",
             f"  workers  {self.workers} on queue '{self.settings.queue}'",
             f"  sweep    run deadlines every {self.settings.deadline_sweep_interval:g} s",
@@ -270,7 +282,7 @@ class Stack:
             lines += [
                 "In another terminal (this directory needs nothing; elsewhere export the URL):",
                 f"  export SESSION_WORKER_REDIS_URL={url}",
-                "  session-worker simulate",
+                f"  {_this_command()} simulate",
             ]
         lines.append("Ctrl-C stops everything.")
         with self._write_lock:
@@ -281,17 +293,23 @@ class Stack:
         assert child.proc is not None and child.proc.stdout is not None
         prefix = f"{child.name:<9}| "
         for raw in iter(child.proc.stdout.readline, b""):
-            if not child.ready and READY_MARKER in raw and child.name.startswith("worker"):
+            if not child.ready and (
+                (READY_MARKER in raw and child.name.startswith("worker"))
+                or (WEB_READY_MARKER in raw and child.name == "web")
+            ):
                 child.ready = True
                 self._maybe_ready()
             self._emit(prefix + raw.decode(errors="replace").rstrip("\n") + "\n")
         child.proc.stdout.close()
 
     def _maybe_ready(self) -> None:
-        workers = [c for c in self.children if c.name.startswith("worker")]
-        if not self._announced_ready and all(c.ready for c in workers):
+        """Log "ready: ..." once every worker consumes and the shim (if any) serves."""
+        waited = [c for c in self.children if c.name.startswith("worker") or c.name == "web"]
+        if not self._announced_ready and all(c.ready for c in waited):
             self._announced_ready = True
-            self.log(f"ready: {len(workers)} worker(s) consuming '{self.settings.queue}'")
+            workers = sum(1 for c in waited if c.name.startswith("worker"))
+            web = f"; web on http://{self.host}:{self.port}" if self.web else ""
+            self.log(f"ready: {workers} worker(s) consuming '{self.settings.queue}'{web}")
 
     def _supervise(self) -> None:
         while not self._stop.wait(0.2):

@@ -335,8 +335,10 @@ class ReferenceModel:
             entry = run.jobs.get(job_id) if run is not None else None
             # README "Late ends": the `aborted` a deadline or a newer run wrote is replaced by
             # the real result; an end or the out-of-sync rule's `aborted` is not.
-            if run is not None and entry is not None and (
-                entry["status"] != COMPLETED or job_id in run.aborted_by_close
+            if (
+                run is not None
+                and entry is not None
+                and (entry["status"] != COMPLETED or job_id in run.aborted_by_close)
             ):
                 entry.update(status=COMPLETED, result=result, time_ended=now)
                 run.aborted_by_close.discard(job_id)

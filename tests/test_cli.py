@@ -208,6 +208,35 @@ def test_console_script_finds_the_embedded_server_through_the_url_file(stack: Up
     assert reply["session_id"] == session
 
 
+def test_a_reader_that_stops_early_is_not_reported_as_a_redis_failure(stack: Up) -> None:
+    session = unique("pipe")
+    jobs = [arg for n in range(3000) for arg in ("--job", f"{session}-job-{n:04d}")]
+    created = subprocess.run(
+        [str(CONSOLE_SCRIPT), "create", "--session-id", session, *jobs, "--json"],
+        cwd=stack.cwd,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert created.returncode == 0, created.stderr
+    # `show ... | head -c 1`: the output (well over a pipe's buffer) meets a closed pipe.
+    show = subprocess.Popen(
+        [str(CONSOLE_SCRIPT), "show", session, "--json"],
+        cwd=stack.cwd,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert show.stdout is not None and show.stderr is not None
+    assert show.stdout.read(1) == b"{"
+    show.stdout.close()
+    assert show.wait(timeout=60) == cli.EXIT_BROKEN_PIPE
+    err = show.stderr.read()
+    show.stderr.close()
+    assert b"cannot reach Redis" not in err
+
+
 # Node commands --------------------------------------------------------------------------
 
 
@@ -389,7 +418,8 @@ def test_unreachable_redis_exits_1_naming_the_url(
 def test_redis_url_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SESSION_WORKER_REDIS_URL", raising=False)
     monkeypatch.setenv("SESSION_WORKER_DATA_DIR", str(tmp_path))
-    assert cli.resolve_redis_url(Settings()) == ("redis://127.0.0.1:6379/0", "default")
+    url, source = cli.resolve_redis_url(Settings())
+    assert url == "redis://127.0.0.1:6379/0" and source.startswith("the default: no ")
     (tmp_path / "redis-url").write_text("redis://127.0.0.1:7001/0\n")
     assert cli.resolve_redis_url(Settings()) == (
         "redis://127.0.0.1:7001/0",

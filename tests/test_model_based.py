@@ -191,7 +191,9 @@ class StoreVersusModel(RuleBasedStateMachine):
         self.client.flushall()
         self.now = T0
         self.store = Store(
-            self.client, Settings(history_limit=HISTORY_LIMIT, request_ttl=REQUEST_TTL), clock=lambda: self.now
+            self.client,
+            Settings(history_limit=HISTORY_LIMIT, request_ttl=REQUEST_TTL),
+            clock=lambda: self.now,
         )
         self.model = ReferenceModel(HISTORY_LIMIT)
         self.sent: list[Sent] = []
