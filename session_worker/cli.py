@@ -621,7 +621,12 @@ def build_parser() -> argparse.ArgumentParser:
     web = commands.add_parser("web", help="the HTTP shim (freezer-api compatible)")
     web.add_argument("--host", default=None, help=f"address ({defaults.http_host})")
     web.add_argument("--port", type=int, default=None, help=f"port ({defaults.http_port})")
-    web.add_argument("--workers", type=_positive_int, default=None, help="HTTP processes")
+    web.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        help=f"HTTP processes ({defaults.http_workers})",
+    )
     web.add_argument(
         "--insecure-no-auth",
         action="store_true",
