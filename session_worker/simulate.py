@@ -1035,8 +1035,9 @@ def _progress_line(
     lost = sum(r.latency is None for r in records)
     span = max((r.sent_at + (r.latency or 0) for r in records), default=moment) - moment
     return (
-        f"round {rnd}/{cfg.rounds}: {len(reported)} starts ({starts['success']} success, "
-        f"{joined} joined late, {held} hold-off, {starts['out-of-sync']} out-of-sync), "
+        f"round {rnd}/{cfg.rounds}: {len(reported)} jobs started: {starts['success']} success "
+        f"({joined} of them joining inside the hold-off), {starts['out-of-sync']} out-of-sync; "
+        f"{held} starts told hold-off; "
         f"{ends} ends ({failed} failed), {len(records)} commands in {span:.2f} s, "
         f"p99 {percentile(latencies, 0.99) * 1000:.1f} ms" + (f", {lost} NO REPLY" if lost else "")
     )
@@ -1095,6 +1096,8 @@ def format_report(result: SimResult) -> str:
     )
     lines = [
         format_table(headers, rows),
+        "(a run's result is fail when one of its jobs ended failed, or was aborted: an "
+        "out-of-sync job missed the run's hold-off window and is recorded aborted in it)",
         "",
         path_table,
         "",
