@@ -626,6 +626,7 @@ def test_positional_arguments_get_an_error_reply(
     _answered(w, client, store)
 
 
+@pytest.mark.faults  # scenario 6 of the fault-injection suite
 def test_an_unknown_task_name_gets_an_error_reply(
     worker: StartWorker, client: SessionClient, store: Store
 ) -> None:
@@ -653,6 +654,7 @@ class _Payload:
         return (open, (str(self.path), "w"))
 
 
+@pytest.mark.faults  # scenario 6 of the fault-injection suite
 def test_a_pickled_message_is_refused_and_never_unpickled(
     worker: StartWorker, client: SessionClient, store: Store, tmp_path: Path
 ) -> None:
@@ -710,6 +712,7 @@ MALFORMED_MESSAGES: dict[str, Callable[[str], bytes]] = {
 }
 
 
+@pytest.mark.faults  # scenario 6 of the fault-injection suite
 def test_malformed_messages_pushed_onto_the_queue_are_refused_and_the_worker_goes_on(
     worker: StartWorker, client: SessionClient, store: Store
 ) -> None:
@@ -784,22 +787,3 @@ def test_every_command_is_logged_on_one_line(
     assert reply.ok
     line = w.wait_for_log(r"kind=start .*request=logged.*")[0]
     assert "session=s job=j0 outcome=success tag=1 request=logged latency_ms=" in line
-
-
-# Cost -------------------------------------------------------------------------------------
-
-
-def test_round_trip_cost(worker: StartWorker, client: SessionClient, store: Store) -> None:
-    """Sequential commands through one worker process: prints the mean round trip."""
-    worker(concurrency=1)
-    make_session(store, "s", jobs=1)
-    assert client.start("s", "j0", 0).ok
-    for _ in range(20):  # warm up
-        client.start("s", "j0", 1)
-    count = 300
-    started = time.perf_counter()
-    for _ in range(count):
-        assert client.start("s", "j0", 1).result == "hold-off"
-    per_command_ms = (time.perf_counter() - started) / count * 1000
-    print(f"\nround trip: {per_command_ms:.2f} ms per command (1 worker process, sequential)")
-    assert per_command_ms < 100

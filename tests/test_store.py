@@ -839,6 +839,7 @@ def real_backend(backend_name: str, backend: redis.Redis) -> redis.Redis:
     return backend
 
 
+@pytest.mark.faults  # scenario 7 of the fault-injection suite
 def test_start_and_end_stay_out_of_the_slowlog_on_a_big_session(
     real_backend: redis.Redis, clock: Clock
 ) -> None:
@@ -881,6 +882,7 @@ def test_start_and_end_stay_out_of_the_slowlog_on_a_big_session(
     assert len(runs[0]["jobs"]) == BIG
 
 
+@pytest.mark.faults  # scenario 7 of the fault-injection suite
 def test_start_and_end_never_read_the_whole_jobs_hash(
     real_backend: redis.Redis, clock: Clock
 ) -> None:
