@@ -25,6 +25,7 @@ import ipaddress
 import logging
 import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -75,9 +76,10 @@ log = logging.getLogger(__name__)
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _TAG = re.compile(r"[0-9]{1,13}")
 _MAX_INT = 10**12
-# After a store call found Redis unreachable, the shim answers 503 without trying for this
-# long (seconds); see Shim.store.
-UNREACHABLE_HOLD = 0.25
+# While Redis is out of reach the shim answers 503 at once, and PINGs it this often
+# (seconds), with this timeout, to know when it is back (Breaker).
+PROBE_INTERVAL = 0.25
+PROBE_TIMEOUT = 1.0
 
 ACTIONS: dict[str, tuple[str, ...]] = {
     "start": ("job_id", "current_tag"),
@@ -337,44 +339,58 @@ class Shim:
         self.auth = Auth(settings.auth_tokens, settings.default_project)
         self.max_body = settings.max_body_bytes
         self._store = store
+        self._documents = store
         self._owned: list[RedisClient] = []
-        self._unreachable_until = 0.0
-
-    def mark_unreachable(self) -> None:
-        """A store call found Redis unreachable: answer 503 at once for a moment."""
-        self._unreachable_until = time.monotonic() + UNREACHABLE_HOLD
+        self.breaker = Breaker(settings)
 
     @property
     def store(self) -> Store:
-        """The given store, or one over this process's own connection, made on first use.
+        """The store of the hot path (start, end, jobs, reads), called on the event loop.
 
-        Raises StoreUnreachable (a 503) without a Redis call for a moment after a call
-        found Redis unreachable (mark_unreachable): store calls run on the event loop, so
-        during an outage one request a moment pays the connection attempt, not each one.
+        The given store, or one over this process's own connection, made on first use.
+        Raises StoreUnreachable (a 503) without a Redis call while the breaker is open.
         """
-        if self._unreachable_until and time.monotonic() < self._unreachable_until:
+        if self.breaker.open:
             raise StoreUnreachable("Redis was unreachable a moment ago")
         if self._store is None:
-            # Handlers call the store right on the event loop, one call at a time, so one
-            # connection per process serves them all without a pool checkout per call (the
-            # pool's health check costs a system call). It connects on first use: the shim
-            # starts while Redis is down and answers 503 until it is back. It retries a
-            # failed call once, at once, never sleeping on the event loop.
-            client = make_redis(self.settings, retry="immediate")
-            if isinstance(client, Redis):
-                client = Redis(
-                    connection_pool=client.connection_pool, single_connection_client=True
-                )
-            # A call without Idempotency-Key leaves no request record, so it is sent at most
-            # once: through a client that never retries, from a pool, whose check of a
-            # connection before each call replaces one the server closed (a restart)
-            # before anything is sent on it. A cut after sending is a 503, never a resend.
-            once = make_redis(self.settings, retry="never")
-            self._owned = [client, once]
-            self._store = metrics.MeteredStore(client, self.settings, once_client=once)
+            self._make_stores()
+            assert self._store is not None
         return self._store
 
+    @property
+    def documents(self) -> Store:
+        """The store of document writes and the list, called in the thread pool: a document
+        with thousands of jobs takes a while, and must not hold up the event loop."""
+        if self.breaker.open:
+            raise StoreUnreachable("Redis was unreachable a moment ago")
+        if self._documents is None:
+            self._make_stores()
+            assert self._documents is not None
+        return self._documents
+
+    def _make_stores(self) -> None:
+        # Handlers call the hot-path store right on the event loop, one call at a time, so
+        # one connection per process serves them all without a pool checkout per call (the
+        # pool's check of a connection costs a system call). It connects on first use: the
+        # shim starts while Redis is down and answers 503 until it is back. It retries a
+        # failed call once, at once, never sleeping on the event loop.
+        client = make_redis(self.settings, retry="immediate")
+        single: RedisClient = client
+        if isinstance(client, Redis):
+            single = Redis(connection_pool=client.connection_pool, single_connection_client=True)
+        # A call without Idempotency-Key leaves no request record, so it is sent at most
+        # once: through a client that never retries, from a pool, whose check of a
+        # connection before each call replaces one the server closed (a restart) before
+        # anything is sent on it. A cut after sending is a 503, never a resend.
+        once = make_redis(self.settings, retry="never")
+        self._owned = [single, client, once] if single is not client else [client, once]
+        self._store = metrics.MeteredStore(single, self.settings, once_client=once)
+        # Document writes run in threads: pooled clients of their own (the same pools'
+        # connections are taken one per thread), never the hot path's single connection.
+        self._documents = metrics.MeteredStore(client, self.settings, once_client=once)
+
     def close(self) -> None:
+        self.breaker.close()
         for client in self._owned:
             client.close()
             if isinstance(client, Redis):
@@ -424,6 +440,12 @@ class Shim:
             raise BadRequest(f"session_id must be {session_id} (the session in the path)")
         return doc
 
+    @staticmethod
+    async def _write(method: Callable[..., Reply], cmd: Command, request: Request) -> Reply:
+        """A document write (create, replace, update, delete), run in the thread pool."""
+        reply: Reply = await run_in_threadpool(method, cmd, remember=_remembered(request))
+        return reply
+
     # Sessions -------------------------------------------------------------------------
 
     async def list_sessions(self, request: Request) -> Response:
@@ -447,7 +469,7 @@ class Shim:
                 filters[key] = value
         # One read per session: off the event loop, so a long list never stalls the others.
         sessions = await run_in_threadpool(
-            self.store.list_sessions,
+            self.documents.list_sessions,
             caller.project_id,
             limit=limit,
             offset=offset,
@@ -469,7 +491,7 @@ class Shim:
             user_id=caller.user_id,
         )
         reply = _noted(
-            request, "create", cmd, self.store.create(cmd, remember=_remembered(request))
+            request, "create", cmd, await self._write(self.documents.create, cmd, request)
         )
         return _json(201, {"session_id": reply.session_id})
 
@@ -496,7 +518,7 @@ class Shim:
             patch=patch,
         )
         reply = _noted(
-            request, "update", cmd, self.store.update(cmd, remember=_remembered(request))
+            request, "update", cmd, await self._write(self.documents.update, cmd, request)
         )
         return _json(200, {"session_id": session_id, "version": reply.version})
 
@@ -515,7 +537,7 @@ class Shim:
             user_id=caller.user_id,
         )
         reply = _noted(
-            request, "replace", cmd, self.store.replace(cmd, remember=_remembered(request))
+            request, "replace", cmd, await self._write(self.documents.replace, cmd, request)
         )
         return _json(201, {"session_id": session_id, "version": reply.version})
 
@@ -528,7 +550,7 @@ class Shim:
             project_id=caller.project_id,
             session_id=session_id,
         )
-        _noted(request, "delete", cmd, self.store.delete(cmd, remember=_remembered(request)))
+        _noted(request, "delete", cmd, await self._write(self.documents.delete, cmd, request))
         return Response(status_code=_NO_CONTENT)
 
     @staticmethod
@@ -926,17 +948,66 @@ def _responses(op: _Op) -> dict[int | str, dict[str, Any]]:
 
 
 class StoreUnreachable(redis_errors.ConnectionError):
-    """Redis was found unreachable moments ago; not tried again yet (Shim.store)."""
+    """Redis was found unreachable and has not answered a probe since (Breaker)."""
 
 
-def _is_connect_failure(exc: Exception) -> bool:
-    """Redis could not be connected to at all (refused, unreachable, connect timeout), as
-    opposed to a connection cut in the middle of a call (redis-py's wording tells them apart:
-    utils.format_error_message and Connection.connect)."""
-    if not isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError):
+class Breaker:
+    """Fast 503s while Redis is unreachable.
+
+    Store calls of the hot path run on the event loop, so a Redis that refuses connections,
+    or stalls, would make every request wait for its own connection attempt or timeout, one
+    after another. Once a call fails that way the breaker opens: requests are answered 503
+    at once, and a thread PINGs Redis every PROBE_INTERVAL seconds; the first answer closes
+    the breaker again. A connection cut in the middle of a call does not open it (the next
+    call simply reconnects).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings.model_copy(
+            update={"redis_socket_timeout": PROBE_TIMEOUT, "redis_connect_timeout": PROBE_TIMEOUT}
+        )
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self.open = False
+        self.trips = 0
+
+    def trip(self, exc: Exception) -> None:
+        """A store call failed with `exc`: open the breaker if Redis is out of reach."""
+        if not _is_unreachable(exc):
+            return
+        with self._lock:
+            if self.open or self._stopped.is_set():
+                return
+            self.open = True
+            self.trips += 1
+        threading.Thread(target=self._probe, name="redis-probe", daemon=True).start()
+
+    def _probe(self) -> None:
+        client = make_redis(self._settings, retry="never")
+        try:
+            while not self._stopped.wait(PROBE_INTERVAL):
+                try:
+                    client.ping()
+                except (redis_errors.RedisError, OSError):
+                    continue
+                break
+        finally:
+            client.close()
+            self.open = False
+
+    def close(self) -> None:
+        self._stopped.set()
+
+
+def _is_unreachable(exc: Exception) -> bool:
+    """Redis could not be connected to (refused, unreachable) or did not answer in time, as
+    opposed to a connection cut in the middle of a call (redis-py's wording tells a failed
+    connect apart: utils.format_error_message)."""
+    if isinstance(exc, StoreUnreachable):
         return False
-    text = str(exc)
-    return " connecting to " in text or text.startswith("Timeout connecting")
+    if isinstance(exc, redis_errors.TimeoutError):
+        return True
+    return isinstance(exc, redis_errors.ConnectionError) and " connecting to " in str(exc)
 
 
 _UNAVAILABLE: tuple[type[Exception], ...] = (
@@ -997,8 +1068,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def unavailable(request: Request, exc: Exception) -> Response:
         if not isinstance(exc, StoreUnreachable):
             log.warning("redis unavailable: %s", type(exc).__name__)
-            if _is_connect_failure(exc):
-                request.app.state.shim.mark_unreachable()
+            request.app.state.shim.breaker.trip(exc)
         return _error(
             503,
             "Service unavailable",

@@ -68,9 +68,9 @@ def broker_url(settings: Settings | None = None) -> str:
 
 # How a client retries a call whose connection failed (make_redis's `retry`):
 #   "backoff"   three retries, 0.1 s to 1 s apart: workers, the sweep, node clients;
-#   "immediate" one retry at once, never sleeping: the shim, whose event loop must not
-#               sleep (a stale connection after a Redis restart is replaced; an outage is
-#               a fast 503);
+#   "immediate" one retry at once after a connection error, never sleeping and never after
+#               a timeout: the shim, whose event loop must not wait (a stale connection
+#               after a Redis restart is replaced; an outage or a stall is a fast 503);
 #   "never"     each call sent at most once: blocking waits, and script calls that leave
 #               no request record (an HTTP call without Idempotency-Key), where a resend
 #               after a lost answer would apply the command twice.
@@ -80,7 +80,9 @@ RetryPolicy: TypeAlias = Literal["backoff", "immediate", "never"]
 def _retry(policy: RetryPolicy) -> Retry:
     if policy == "backoff":
         return Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3)
-    return Retry(NoBackoff(), retries=1 if policy == "immediate" else 0)
+    if policy == "immediate":
+        return Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,))
+    return Retry(NoBackoff(), retries=0)
 
 
 def make_redis(
@@ -104,9 +106,11 @@ def make_redis(
     if wait_timeout is not None:
         socket_timeout = wait_timeout + settings.redis_socket_timeout
         retry = "never"
-    retry_on_error: list[type[Exception]] = (
-        [] if retry == "never" else [RedisConnectionError, RedisTimeoutError]
-    )
+    retry_on_error: list[type[Exception]] = []
+    if retry != "never":
+        retry_on_error.append(RedisConnectionError)
+    if retry == "backoff":
+        retry_on_error.append(RedisTimeoutError)
     url = redis_url(settings)
     common: dict[str, Any] = {
         "socket_timeout": socket_timeout,

@@ -140,8 +140,7 @@ class MeteredStore(Store):
         super().__init__(*args, **kwargs)
         self._sweep = sweep
 
-    def _run(self, *args: Any, **kwargs: Any) -> Any:
-        raw = super()._run(*args, **kwargs)
+    def _returned(self, raw: Any) -> Any:
         note = run_completed_in(raw)
         if note is not None:
             closed = str(note.get("closed", ""))

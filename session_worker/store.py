@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import orjson
+from redis.exceptions import NoScriptError
 
 from .connection import RedisClient
 from .keys import KeyBuilder, events_channel
@@ -39,6 +40,9 @@ from .settings import Settings, get_settings
 # The fields of the stored session that are the service's bookkeeping, not the document's.
 _INTERNAL = ("members", "done", "failed", "closed", "hist_min", "created_at", "version")
 _INTERNAL_FIELDS = (*_INTERNAL, "run_completed")  # run_completed: a read's note for metrics
+
+# Script calls sent in one pipeline by _run_many.
+BATCH = 500
 
 # Scripts that change nothing (they may apply a passed deadline, which is idempotent).
 READ_SCRIPTS = frozenset({"read", "runs"})
@@ -119,6 +123,21 @@ class Store:
         push_reply: bool,
         args: Iterable[Any] = (),
     ) -> Any:
+        keys, argv = self._script_args(project_id, session_id, request_id, fp, push_reply, args)
+        once = not request_id and script not in READ_SCRIPTS
+        client = self.once_client if once and self.once_client is not None else self.client
+        return self._returned(self.scripts[script](keys=keys, args=argv, client=client))
+
+    def _script_args(
+        self,
+        project_id: str,
+        session_id: str,
+        request_id: str,
+        fp: str,
+        push_reply: bool,
+        args: Iterable[Any],
+    ) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of a session script (the layout of lua/_prelude.lua)."""
         keys = self.keys.session(project_id, session_id, request_id or "-")
         argv: list[Any] = [
             request_id,
@@ -132,9 +151,31 @@ class Store:
             session_id,
             *args,
         ]
-        once = not request_id and script not in READ_SCRIPTS
-        client = self.once_client if once and self.once_client is not None else self.client
-        return self.scripts[script](keys=list(keys), args=argv, client=client)
+        return list(keys), argv
+
+    def _returned(self, raw: Any) -> Any:
+        """Every session script's return value passes here (MeteredStore counts from it)."""
+        return raw
+
+    def _run_many(self, script: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Call one script many times (keys, args each) in pipelines: one round trip per
+        BATCH calls. A call the pipeline could not run for want of the script on its node
+        (NOSCRIPT: a cluster pipeline does not load scripts) is made again on its own."""
+        found: list[Any] = []
+        runner = self.scripts[script]
+        for begin in range(0, len(calls), BATCH):
+            chunk = calls[begin : begin + BATCH]
+            with self.client.pipeline(transaction=False) as pipe:
+                for keys, args in chunk:
+                    runner(keys=keys, args=args, client=pipe)
+                answers = pipe.execute(raise_on_error=False)
+            for (keys, args), answer in zip(chunk, answers, strict=True):
+                if isinstance(answer, NoScriptError):
+                    answer = runner(keys=keys, args=args)
+                elif isinstance(answer, Exception):
+                    raise answer
+                found.append(answer)
+        return found
 
     def _command(
         self,
@@ -182,7 +223,8 @@ class Store:
             "add_job", cmd, cmd.session_id, [cmd.job_id, cmd.client_id], remember=remember
         )
         if reply.ok and not reply.gone:
-            self._attach_job(cmd, cmd.session_id, cmd.job_id, reply)
+            schedule = orjson.dumps(reply.job_schedule or {}).decode()
+            self._attach(cmd, cmd.session_id, [cmd.job_id], reply.session_tag or 0, schedule)
         return reply
 
     def remove_job(self, cmd: RemoveJobCommand, *, remember: bool = True) -> Reply:
@@ -257,36 +299,50 @@ class Store:
             self.client.zadd(self.keys.deadlines(), {f"{project_id}:{session_id}": reply.deadline})
 
     def _attach_jobs(self, cmd: Command, session_id: str, doc: SessionFields, reply: Reply) -> None:
-        for job_id in doc.jobs or ():
-            self._attach_job(cmd, session_id, job_id, reply)
+        if doc.jobs:
+            # The session's schedule as stored, read once for all the jobs.
+            meta = self.keys.session(cmd.project_id, session_id).meta
+            schedule = _text(self.client.hget(meta, "schedule") or b"{}")
+            self._attach(cmd, session_id, list(doc.jobs), reply.session_tag or 0, schedule)
 
-    def _attach_job(self, cmd: Command, session_id: str, job_id: str, reply: Reply) -> None:
-        """Point the job's record here; take the job out of the session it was in before."""
-        schedule = reply.job_schedule
-        if schedule is None:
-            schedule = (self.get(cmd.project_id, session_id) or {}).get("schedule", {})
-        previous = self.scripts["attach_job"](
-            keys=[
-                self.keys.job_record(cmd.project_id, job_id),
-                self.keys.job_move(cmd.project_id, job_id, cmd.request_id),
-            ],
-            args=[
-                session_id,
-                reply.session_tag or 0,
-                orjson.dumps(schedule),
-                self.settings.request_ttl,
+    def _attach(
+        self, cmd: Command, session_id: str, job_ids: list[str], tag: int, schedule: str
+    ) -> None:
+        """Point the jobs' records here (`schedule`: the session's, JSON); take each job out
+        of the session it was in before. Pipelined: a document with 10,000 jobs costs a few
+        round trips, not 10,000."""
+        previous = self._run_many(
+            "attach_job",
+            [
+                (
+                    [
+                        self.keys.job_record(cmd.project_id, job_id),
+                        self.keys.job_move(cmd.project_id, job_id, cmd.request_id),
+                    ],
+                    [session_id, tag, schedule, self.settings.request_ttl],
+                )
+                for job_id in job_ids
             ],
         )
-        previous = _text(previous)
-        if previous and previous != session_id:
-            move = RemoveJobCommand(
-                request_id=_derived_request_id(cmd.request_id, f"move:{job_id}"),
-                reply_to=None,
-                project_id=cmd.project_id,
-                session_id=previous,
-                job_id=job_id,
-            )
-            self._command("remove_job", move, previous, [job_id])
+        moves = []
+        for job_id, old in zip(job_ids, previous, strict=True):
+            old_session = _text(old)
+            if old_session and old_session != session_id:
+                move = RemoveJobCommand(
+                    request_id=_derived_request_id(cmd.request_id, f"move:{job_id}"),
+                    reply_to=None,
+                    project_id=cmd.project_id,
+                    session_id=old_session,
+                    job_id=job_id,
+                )
+                fp = fingerprint("remove_job", move.model_dump(mode="json"))
+                moves.append(
+                    self._script_args(
+                        cmd.project_id, old_session, move.request_id, fp, False, [job_id]
+                    )
+                )
+        for raw in self._run_many("remove_job", moves):
+            self._returned(raw)
 
     def _detach_job(self, project_id: str, session_id: str, job_id: str) -> None:
         self.scripts["detach_job"](

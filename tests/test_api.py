@@ -22,7 +22,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from session_worker.api import UNREACHABLE_HOLD, check_bind, create_app, serve
+from session_worker.api import PROBE_INTERVAL, check_bind, create_app, serve
 from session_worker.keys import KeyBuilder
 from session_worker.models import (
     AddJobCommand,
@@ -742,7 +742,7 @@ def test_the_shim_starts_without_redis_and_serves_once_it_is_up(
         assert_error(response, 503)
         assert response.headers["retry-after"] == "1"
         with ServerProcess(server_kind, tmp_path, port=port) as server:
-            time.sleep(UNREACHABLE_HOLD)  # the shim tries again once its hold has passed
+            wait_closed(app)  # the breaker's probe sees Redis back
             assert_error(api.get(f"{V2}/s1"), 404)
             assert api.post(V2, json={"session_id": "s1"}).status_code == 201
             server.restart()  # a server without persistence: it comes back empty
@@ -752,12 +752,21 @@ def test_the_shim_starts_without_redis_and_serves_once_it_is_up(
         app.state.shim.close()
 
 
+def wait_closed(app: Any, timeout: float = 5.0) -> None:
+    """Wait until the shim's breaker has seen Redis answer again."""
+    deadline = time.monotonic() + timeout
+    while app.state.shim.breaker.open:
+        assert time.monotonic() < deadline, "the breaker did not close"
+        time.sleep(0.02)
+
+
 def test_while_redis_is_unreachable_the_shim_answers_503_without_trying_each_time(
-    caplog: pytest.LogCaptureFixture,
+    server_kind: ServerKind, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Store calls run on the event loop: during an outage only one request a moment pays
-    for a connection attempt; the others are answered 503 at once."""
-    settings = Settings(redis_url=f"redis://127.0.0.1:{_closed_port()}/0")
+    """Store calls run on the event loop: during an outage one request pays for the failed
+    connection, the others are answered 503 at once until a probe sees Redis back."""
+    port = _closed_port()
+    settings = Settings(redis_url=f"redis://127.0.0.1:{port}/0")
     app = create_app(settings)
     api = Api(app)
     try:
@@ -766,12 +775,17 @@ def test_while_redis_is_unreachable_the_shim_answers_503_without_trying_each_tim
                 response = api.get(f"{V2}/s1")
                 assert_error(response, 503)
                 assert response.headers["retry-after"] == "1"
+                assert_error(api.post(V2, json={"session_id": "s1"}), 503)
             tried = [r for r in caplog.records if "redis unavailable" in r.getMessage()]
             assert len(tried) == 1
-            time.sleep(UNREACHABLE_HOLD)
-            assert_error(api.get(f"{V2}/s1"), 503)
-            tried = [r for r in caplog.records if "redis unavailable" in r.getMessage()]
-            assert len(tried) == 2
+            assert app.state.shim.breaker.open
+        time.sleep(PROBE_INTERVAL * 3)
+        assert app.state.shim.breaker.open  # still nobody there
+        with ServerProcess(server_kind, tmp_path, port=port):
+            wait_closed(app)
+            assert_error(api.get(f"{V2}/s1"), 404)
+            assert api.post(V2, json={"session_id": "s1"}).status_code == 201
+        assert app.state.shim.breaker.trips == 1
     finally:
         api.close()
         app.state.shim.close()

@@ -17,6 +17,7 @@ import redis
 from redis.client import Monitor, PubSub
 from redis.cluster import RedisCluster
 
+from session_worker import store as store_module
 from session_worker.keys import events_channel
 from session_worker.models import (
     MAX_INT,
@@ -901,3 +902,37 @@ def test_start_and_end_never_read_the_whole_jobs_hash(
         for command in commands:
             name, _, rest = command.partition(" ")
             assert not (name.upper() in WHOLE_HASH and rest.startswith(jobs_key)), command
+
+
+class _Counting(Store):
+    """Counts reads of the whole document and pipelines sent."""
+
+    reads = 0
+    pipelines = 0
+
+    def get(self, project_id: str, session_id: str) -> dict[str, Any] | None:
+        self.reads += 1
+        return super().get(project_id, session_id)
+
+    def _run_many(self, script: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        self.pipelines += -(-len(calls) // store_module.BATCH)
+        return super()._run_many(script, calls)
+
+
+def test_a_document_with_thousands_of_jobs_costs_a_few_round_trips(backend: redis.Redis) -> None:
+    """Attaching the jobs of a document is pipelined, and never reads the whole document per
+    job (which made a create of n jobs cost O(n^2))."""
+    store = _Counting(backend, Settings())
+    jobs = [f"big-{n:04d}" for n in range(2000)]
+    store.create(create_cmd("s-big", *jobs)).raise_for_error()
+    assert (store.reads, store.pipelines) == (0, 4)
+    # Replace into another session moves every job: attach and move, pipelined.
+    doc = SessionFields(jobs={job: JobEntry() for job in jobs})
+    cmd = ReplaceCommand(request_id=new_id(), project_id=PROJECT, session_id="s-new", document=doc)
+    store.replace(cmd).raise_for_error()
+    assert (store.reads, store.pipelines) == (0, 4 + 8)
+    old = store.get(PROJECT, "s-big")
+    assert old is not None and old["jobs"] == {}
+    for job in (jobs[0], jobs[-1]):
+        record = store.job_record(PROJECT, job)
+        assert record is not None and record.session_id == "s-new"

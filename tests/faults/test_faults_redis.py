@@ -10,6 +10,8 @@ and the recovery time is measured from the moment Redis answers again.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 import uuid
@@ -46,7 +48,7 @@ ATTEMPT_TIMEOUT = 3.0  # a sender waits this long for a reply before sending aga
 ATTEMPTS = 20
 DOWN_FOR = 2.0  # seconds Redis stays down
 RECOVERY_BOUND = 20.0  # seconds: every face answers again within this after Redis is back
-FAST_503 = 3.0
+FAST_503 = 1.0  # seconds: the slowest 503 while Redis is down
 
 
 def _probe_queue(client: SessionClient, session_id: str) -> float:
@@ -275,4 +277,44 @@ def test_workers_and_shim_started_while_redis_is_down_begin_once_it_is_up(
         **tally.line(),
         recovery_queue_s=first_answer,
         recovery_http_s=http_recovery,
+    )
+
+
+STALL_TIMEOUT = 1.0  # the shim's Redis socket timeout in the stall test
+
+
+def test_a_stalled_redis_costs_one_request_its_timeout_and_the_others_a_fast_503(
+    server: ServerProcess, fleet: Fleet, settings: Settings, store: Store
+) -> None:
+    """SIGSTOP: Redis accepts connections but answers nothing. The shim's first request waits
+    for its socket timeout (no retry after a timeout); every request after it, /healthz
+    included, is answered at once until Redis answers a probe again."""
+    make_sessions(store, 1, "stall")
+    shim = fleet.shim(settings=settings.model_copy(update={"redis_socket_timeout": STALL_TIMEOUT}))
+    path = f"/v2/{PROJECT}/sessions/stall0"
+    assert shim.http.get(path).status_code == 200
+    assert server.pid is not None
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        first = shim.http.get(path)
+        first_s = time.monotonic() - started
+        assert first.status_code == 503, first.text
+        assert first_s < STALL_TIMEOUT + 1.0
+        slowest = 0.0
+        for _ in range(20):
+            started = time.monotonic()
+            response = shim.http.get(path)
+            assert response.status_code == 503 and response.headers["retry-after"]
+            assert shim.http.get("/healthz").status_code == 200
+            slowest = max(slowest, time.monotonic() - started)
+        assert slowest < 0.5
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+    recovery = _probe(lambda: shim.http.get(path).status_code == 200, "shim 200 after the stall")
+    figures(
+        "3 redis stalled (SIGSTOP)",
+        first_request_s=first_s,
+        slowest_next_503_and_healthz_s=slowest,
+        recovery_http_s=recovery,
     )
