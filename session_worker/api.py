@@ -49,7 +49,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Match, Route
 
 from . import __version__, logs, metrics
-from .connection import RedisClient, make_redis
+from .connection import RedisClient, is_transient, make_redis
 from .errors import BadRequest, NotFound, SessionWorkerError, Unavailable
 from .models import (
     ID_PATTERN,
@@ -287,8 +287,9 @@ def _metered(
         except SessionWorkerError as exc:
             outcome = f"error:{exc.code}"
             raise
-        except _UNAVAILABLE:
-            outcome = f"error:{Unavailable.code}"
+        except redis_errors.RedisError as exc:
+            if is_transient(exc):
+                outcome = f"error:{Unavailable.code}"
             raise
         except ClientDisconnect:
             outcome = f"error:{BadRequest.code}"
@@ -1010,17 +1011,6 @@ def _is_unreachable(exc: Exception) -> bool:
     return isinstance(exc, redis_errors.ConnectionError) and " connecting to " in str(exc)
 
 
-_UNAVAILABLE: tuple[type[Exception], ...] = (
-    redis_errors.ConnectionError,
-    redis_errors.TimeoutError,
-    redis_errors.BusyLoadingError,
-    redis_errors.ReadOnlyError,
-    redis_errors.TryAgainError,
-    redis_errors.ClusterDownError,
-    redis_errors.MasterDownError,
-)
-
-
 _STATUSES = frozenset(status.value for status in HTTPStatus)
 
 
@@ -1065,7 +1055,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         ]
         return _error(400, BadRequest.title, "; ".join(parts) or "invalid request")
 
-    async def unavailable(request: Request, exc: Exception) -> Response:
+    async def redis_error(request: Request, exc: Exception) -> Response:
+        if not is_transient(exc):  # a script or a bug of ours: nothing the client did
+            log.error("unexpected Redis error: %s", exc, exc_info=exc)
+            return await unexpected(request, exc)
         if not isinstance(exc, StoreUnreachable):
             log.warning("redis unavailable: %s", type(exc).__name__)
             request.app.state.shim.breaker.trip(exc)
@@ -1086,8 +1079,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(ClientDisconnect, disconnected)
-    for exc_type in _UNAVAILABLE:
-        app.add_exception_handler(exc_type, unavailable)
+    # Redis unreachable, too slow, or refusing for now (out of memory, MISCONF, loading,
+    # a replica, a cluster reconfiguring): 503 with Retry-After (connection.is_transient).
+    app.add_exception_handler(redis_errors.RedisError, redis_error)
     app.add_exception_handler(Exception, unexpected)
 
 

@@ -16,6 +16,7 @@ from redis import Redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -64,6 +65,25 @@ def broker_url(settings: Settings | None = None) -> str:
             "plain redis:// URL (SESSION_WORKER_REDIS_URL may stay the cluster, for the store)"
         )
     return url
+
+
+# Error replies that mean "not now" rather than "this command is wrong": out of memory,
+# persistence failing (MISCONF), a busy script, loading, a replica, a cluster reconfiguring.
+TRANSIENT_CODES = frozenset(
+    {"OOM", "MISCONF", "BUSY", "LOADING", "READONLY", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN"}
+    | {"NOREPLICAS"}
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Redis is unreachable, too slow, or refuses for now (TRANSIENT_CODES): worth a retry
+    later (a worker) or a 503 (the shim), never an error reply about the command."""
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+        return True
+    if isinstance(exc, ResponseError):
+        code = getattr(exc, "status_code", None) or str(exc).split(" ", 1)[0]
+        return code in TRANSIENT_CODES
+    return False
 
 
 # How a client retries a call whose connection failed (make_redis's `retry`):

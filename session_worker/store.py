@@ -229,7 +229,9 @@ class Store:
 
     def remove_job(self, cmd: RemoveJobCommand, *, remember: bool = True) -> Reply:
         reply = self._command("remove_job", cmd, cmd.session_id, [cmd.job_id], remember=remember)
-        if reply.ok:
+        if reply.ok and not (reply.repeated and not reply.gone and self._has_job(cmd)):
+            # (A repeat finds the job back in the session: added again since; its record
+            # is the new add's.)
             self._detach_job(cmd.project_id, cmd.session_id, cmd.job_id)
         return reply
 
@@ -343,6 +345,10 @@ class Store:
                 )
         for raw in self._run_many("remove_job", moves):
             self._returned(raw)
+
+    def _has_job(self, cmd: RemoveJobCommand) -> bool:
+        jobs = self.keys.session(cmd.project_id, cmd.session_id).jobs
+        return bool(self.client.hexists(jobs, cmd.job_id))
 
     def _detach_job(self, project_id: str, session_id: str, job_id: str) -> None:
         self.scripts["detach_job"](

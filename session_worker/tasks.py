@@ -22,12 +22,9 @@ from typing import Any
 from celery import shared_task
 from celery.signals import task_unknown, worker_process_init
 from pydantic import ValidationError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .celery_app import task_name
-from .connection import make_redis
+from .connection import is_transient, make_redis
 from .errors import BadRequest, SessionWorkerError, Unavailable
 from .logs import log_command
 from .metrics import MeteredStore, observe_command, outcome_of
@@ -38,8 +35,6 @@ from .store import Store, derived_session_id
 
 logger = logging.getLogger(__name__)
 
-# Worth retrying: Redis unreachable, timing out, loading, or a replica after a failover.
-RETRYABLE_ERRORS = (RedisConnectionError, RedisTimeoutError, ReadOnlyError)
 MAX_RETRIES = 12  # 1 + 2 + 4 + 8 + 16 + 7 * 30 s: about four minutes of outage
 RETRY_BACKOFF = 1.0  # seconds before the first retry, doubled each time ...
 RETRY_BACKOFF_MAX = 30.0  # ... up to this (keep it well under visibility_timeout)
@@ -92,14 +87,16 @@ def run_command(
 ) -> Reply | None:
     """Validate and apply one command; returns its reply (None when it had nowhere to go).
 
-    Raises only RETRYABLE_ERRORS; every other failure becomes an error reply.
+    Raises only what connection.is_transient calls worth a retry (Redis unreachable, timing
+    out, out of memory, loading, a replica after a failover...); every other failure becomes
+    an error reply.
     """
     started = time.perf_counter()
     try:
         reply = _apply(kind, fields, store, args)
-    except RETRYABLE_ERRORS:
-        raise
     except Exception as exc:  # a bug, or a script error: answer, do not retry
+        if is_transient(exc):
+            raise
         logger.exception("kind=%s request=%s failed", kind, _text(fields.get("request_id")))
         reply = _refuse(
             store, fields, SessionWorkerError.code, f"the worker could not apply {kind}: {exc}"
@@ -230,7 +227,9 @@ def _execute(task: Any, kind: str, args: tuple[Any, ...], fields: dict[str, Any]
     store = get_store(_app_settings(task.app))
     try:
         run_command(kind, fields, store, args=args)
-    except RETRYABLE_ERRORS as exc:
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
         retries: int = task.request.retries
         request_id = _text(fields.get("request_id"))
         if retries >= MAX_RETRIES:

@@ -23,6 +23,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from session_worker.api import PROBE_INTERVAL, check_bind, create_app, serve
+from session_worker.connection import is_transient
 from session_worker.keys import KeyBuilder
 from session_worker.models import (
     AddJobCommand,
@@ -789,6 +790,37 @@ def test_while_redis_is_unreachable_the_shim_answers_503_without_trying_each_tim
     finally:
         api.close()
         app.state.shim.close()
+
+
+def test_redis_out_of_memory_is_a_503_and_changes_nothing(
+    api: Api, store: Store, client: redis.Redis
+) -> None:
+    make_session(store, "s1", "a")
+    before = store.get(PROJECT, "s1")
+    limit = client.config_get("maxmemory")["maxmemory"]
+    client.config_set("maxmemory", 1)
+    try:
+        for response in (
+            api.post(V2, json={"session_id": "s2"}),
+            api.post(f"{V2}/s1/action", json={"start": {"job_id": "a", "current_tag": 0}}),
+        ):
+            body = assert_error(response, 503)
+            assert response.headers["retry-after"] == "1"
+            assert "retry" in body["description"]
+    finally:
+        client.config_set("maxmemory", limit)
+    assert store.get(PROJECT, "s1") == before
+    assert store.get(PROJECT, "s2") is None
+
+
+def test_transient_redis_errors_are_told_apart_from_the_others() -> None:
+    assert is_transient(redis.ConnectionError("Error 111 connecting to x"))
+    assert is_transient(redis.TimeoutError("Timeout reading from socket"))
+    assert is_transient(redis.exceptions.OutOfMemoryError("command not allowed", status_code="OOM"))
+    assert is_transient(redis.ResponseError("MISCONF Redis is configured to save RDB snapshots"))
+    assert is_transient(redis.ResponseError("BUSY Redis is busy running a script"))
+    assert not is_transient(redis.ResponseError("ERR user_script:12: attempt to index nil"))
+    assert not is_transient(ValueError("not Redis"))
 
 
 class _Broken(Store):

@@ -464,6 +464,53 @@ def test_a_new_run_supersedes_a_running_one(started: Session, clock: Clock) -> N
     assert doc["jobs"]["c"]["status"] == "running"
 
 
+def _write(s: Session, kind: str, **fields: Any) -> Reply:
+    """A PATCH (update) or a replace of the session's document with `fields`."""
+    doc = SessionFields.model_validate(fields)
+    cmd: UpdateCommand | ReplaceCommand
+    if kind == "update":
+        cmd = UpdateCommand(request_id=new_id(), project_id=PROJECT, session_id=s.id, patch=doc)
+        return s.store.update(cmd).raise_for_error()
+    cmd = ReplaceCommand(request_id=new_id(), project_id=PROJECT, session_id=s.id, document=doc)
+    return s.store.replace(cmd).raise_for_error()
+
+
+def test_a_replace_that_resets_the_status_closes_the_running_run(
+    started: Session, clock: Clock
+) -> None:
+    clock.advance(5)
+    _write(started, "replace", jobs={"a": {}, "b": {}, "c": {}}, description="x")
+    run = started.run(1)
+    assert (run["status"], run["result"], run["closed"], run["time_end"]) == (
+        "completed",
+        "fail",
+        "superseded",
+        T0 + 5,
+    )
+    assert state(run["jobs"]["b"])["result"] == "aborted"
+    doc = started.doc()
+    assert (doc["session_tag"], doc["status"]) == (1, "")
+    # The next start opens run 2; no run is left running in the history.
+    assert result_of(started.start("b", 1)) == ("success", 2)
+    runs = started.store.runs(PROJECT, started.id)
+    assert runs is not None
+    assert [(r["session_tag"], r["status"]) for r in runs] == [(1, "completed"), (2, "running")]
+
+
+def test_a_patch_that_raises_the_tag_closes_the_running_run(started: Session) -> None:
+    _write(started, "update", session_tag=5)
+    assert (started.run(1)["status"], started.run(1)["closed"]) == ("completed", "superseded")
+    runs = started.store.runs(PROJECT, started.id)
+    assert runs is not None
+    assert [(r["session_tag"], r["status"]) for r in runs] == [(1, "completed"), (5, "running")]
+
+
+def test_a_patch_that_completes_the_run_records_what_it_says(started: Session) -> None:
+    _write(started, "update", status="completed", result="success")
+    run = started.run(1)
+    assert (run["status"], run["result"], run["closed"]) == ("completed", "success", "")
+
+
 def test_a_job_added_during_a_run_cannot_hold_it_open(started: Session, clock: Clock) -> None:
     started.remove("c")
     reply = started.add("d")

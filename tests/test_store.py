@@ -936,3 +936,40 @@ def test_a_document_with_thousands_of_jobs_costs_a_few_round_trips(backend: redi
     for job in (jobs[0], jobs[-1]):
         record = store.job_record(PROJECT, job)
         assert record is not None and record.session_id == "s-new"
+
+
+def test_a_run_with_more_members_than_lua_can_unpack_reads_and_replaces(store: Store) -> None:
+    """Lua's unpack takes a few thousand values at most: the history read and a replace
+    that drops every job slice their calls."""
+    jobs = {f"many-{n:05d}": JobEntry(status="running", time_started=T0) for n in range(9000)}
+    doc = SessionFields(
+        session_id="many", session_tag=1, status="running", time_start=T0, jobs=jobs
+    )
+    store.create(CreateCommand(request_id=new_id(), project_id=PROJECT, document=doc))
+    runs = store.runs(PROJECT, "many")
+    assert runs is not None and len(runs) == 1
+    assert len(runs[0]["jobs"]) == 9000
+    assert {j["status"] for j in runs[0]["jobs"].values()} == {"running"}
+    cmd = ReplaceCommand(
+        request_id=new_id(), project_id=PROJECT, session_id="many", document=SessionFields()
+    )
+    reply = store.replace(cmd).raise_for_error()
+    assert len(reply.detached or []) == 9000
+    after = store.get(PROJECT, "many")
+    assert after is not None and after["jobs"] == {}
+
+
+def test_a_remove_job_repeated_after_the_session_was_created_again_leaves_the_job_alone(
+    store: Store,
+) -> None:
+    store.create(create_cmd("s5", "a")).raise_for_error()
+    remove = RemoveJobCommand(request_id=new_id(), project_id=PROJECT, session_id="s5", job_id="a")
+    assert store.remove_job(remove).removed is True
+    store.delete(delete_cmd("s5")).raise_for_error()
+    store.create(create_cmd("s5", "a")).raise_for_error()
+    again = store.remove_job(remove)  # redelivered late: its first answer, no second effect
+    assert (again.repeated, again.gone, again.removed) == (True, None, True)
+    doc = store.get(PROJECT, "s5")
+    assert doc is not None and list(doc["jobs"]) == ["a"]
+    record = store.job_record(PROJECT, "a")
+    assert record is not None and record.session_id == "s5"

@@ -55,6 +55,19 @@ local NUMERIC = {
   created_at = true, members = true, done = true, failed = true, hist_min = true,
 }
 
+-- redis.call(command, key, items...) in slices of 1,000 items (Lua's unpack takes a few
+-- thousand values at most); the replies of a read concatenated, in order.
+local function call_chunked(command, key, items)
+  local out = {}
+  for i = 1, #items, 1000 do
+    local part = redis.call(command, key, unpack(items, i, math.min(i + 999, #items)))
+    if type(part) == 'table' then
+      for _, v in ipairs(part) do out[#out + 1] = v end
+    end
+  end
+  return out
+end
+
 -- The session as a table (numbers converted), or nil when it does not exist.
 local function load_session()
   local flat = redis.call('HGETALL', KEYS[1])
@@ -208,6 +221,30 @@ local function close_run(s, why)
   write_run(s)
   COMPLETED = {session_tag = s.session_tag, result = 'fail', closed = why}
   publish({event = 'run_completed', session_tag = s.session_tag, result = 'fail', closed = why})
+end
+
+-- The running run a document write is about to change: {tag, time_start}, or nil.
+local function running_run(s)
+  if s.status == 'running' then return {tag = s.session_tag, time_start = s.time_start} end
+  return nil
+end
+
+-- After a document write: when `was` (running_run before the write) is no longer the
+-- session's running run (the document raised session_tag, or set a status other than
+-- running or completed), its history entry is closed as superseded, result fail, like a
+-- run a newer start replaces; a run never stays `running` in the history.
+local function close_replaced_run(s, was)
+  if not was then return end
+  if s.session_tag == was.tag and (s.status == 'running' or s.status == 'completed') then
+    return  -- still the current run; write_run(s) records what the document says
+  end
+  redis.call('HSET', KEYS[3], string.format('%d', was.tag), cjson.encode({
+    session_tag = was.tag, time_start = was.time_start, time_end = NOW,
+    status = 'completed', result = 'fail', closed = 'superseded',
+  }))
+  COMPLETED = {session_tag = was.tag, result = 'fail', closed = 'superseded'}
+  publish({event = 'run_completed', session_tag = was.tag, result = 'fail',
+           closed = 'superseded'})
 end
 
 -- When the running run expires (for the sweep's schedule), or nil.
@@ -398,7 +435,10 @@ local function fresh_session()
   return s
 end
 
--- A session whose request records outlived a delete keeps them from now on.
+-- A session whose request records outlived a delete keeps them from now on. Call it after
+-- the script's first memory-taking write: PERSIST takes none, and once a script has written
+-- anything Redis lets it write on past maxmemory, so a first PERSIST would let a whole
+-- create through a Redis that is out of memory (and fail the steps after it).
 local function keep_request_records()
   redis.call('PERSIST', KEYS[6])
   redis.call('PERSIST', KEYS[7])

@@ -24,7 +24,8 @@ if s.status == 'running' then member_of = s.session_tag end
 merge_jobs(s, cjson.decode(ARGV[12]), member_of)
 rebuild_counters(s)
 bump_version(s)
-keep_request_records()
 write_run(s)
 publish({event = 'session_created'})
-return ok('success', s, {created_at = s.created_at, deadline = deadline_of(s)})
+local reply = ok('success', s, {created_at = s.created_at, deadline = deadline_of(s)})
+keep_request_records()  -- after ok()'s writes (see keep_request_records)
+return reply

@@ -10,6 +10,8 @@
 -- detached (ids of jobs no longer in the session; their records are the caller's to
 -- detach); or bad_request (session_tag lower than the session's), idempotency_mismatch.
 -- Run history is kept.
+-- A run the document ends while it runs (a higher session_tag, or a status other than running
+-- or completed) is closed in the history as superseded, result fail (close_replaced_run).
 
 local s = load_session()
 local again = repeated(s ~= nil)
@@ -31,19 +33,24 @@ local detached = {}
 for _, job_id in ipairs(redis.call('HKEYS', KEYS[2])) do
   if jobs[job_id] == nil then
     detached[#detached + 1] = job_id
-    redis.call('HDEL', KEYS[2], job_id)
   end
 end
+local was = running_run(s)
 apply_fields(s, doc)
+close_replaced_run(s, was)
 set(s, 'schedule', ARGV[11])
 local member_of = s.session_tag + 1
 if created and s.status == 'running' then member_of = s.session_tag end
 merge_jobs(s, jobs, member_of)
+-- (Jobs leave after the first writes: an HDEL takes no memory, and a script that wrote
+-- anything may write on past maxmemory; see keep_request_records.)
+call_chunked('HDEL', KEYS[2], detached)
 rebuild_counters(s)
 bump_version(s)
-keep_request_records()
 write_run(s)
 recompute(s)
 publish({event = 'session_replaced'})
-return ok('success', s, {created = created, created_at = s.created_at, detached = detached,
+local reply = ok('success', s, {created = created, created_at = s.created_at, detached = detached,
                          deadline = deadline_of(s)})
+keep_request_records()  -- after ok()'s writes (see keep_request_records)
+return reply

@@ -33,7 +33,7 @@ for _, tag in ipairs(tags) do
     local jobs = {}
     local fields = redis.call('ZRANGEBYSCORE', KEYS[5], tag, tag)
     if #fields > 0 then
-      local values = redis.call('HMGET', KEYS[4], unpack(fields))
+      local values = call_chunked('HMGET', KEYS[4], fields)
       for i, field in ipairs(fields) do
         if values[i] then
           local st = cjson.decode(values[i])

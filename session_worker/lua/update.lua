@@ -7,6 +7,8 @@
 --
 -- Returns the reply JSON: ok + version; or not_found, bad_request (session_tag lower than
 -- the session's), idempotency_mismatch.
+-- A run the document ends while it runs (a higher session_tag, or a status other than running
+-- or completed) is closed in the history as superseded, result fail (close_replaced_run).
 
 local s, early = open_session()
 if not s then return early end
@@ -14,7 +16,9 @@ if not s then return early end
 local doc = cjson.decode(ARGV[10])
 local lowered = lowered_tag(s, doc)
 if lowered then return fail('bad_request', lowered) end
+local was = running_run(s)
 apply_fields(s, doc)
+close_replaced_run(s, was)
 if ARGV[11] ~= '' then set(s, 'schedule', ARGV[11]) end
 merge_jobs(s, cjson.decode(ARGV[12]), s.session_tag + 1)
 rebuild_counters(s)
