@@ -247,6 +247,16 @@ class Store:
         if reply.ok and not reply.gone:
             self._index(cmd.project_id, session_id, reply)
             self._attach_jobs(cmd, session_id, doc, reply)
+        elif reply.error is not None and reply.error.code == "conflict":
+            # The session exists. If its creator's steps after the script never ran (a
+            # create without a request id answered 503, say), the create repeated by that
+            # caller finishes its indexing: the 409 leaves the session listed.
+            created_at = self.client.hget(
+                self.keys.session(cmd.project_id, session_id).meta, "created_at"
+            )
+            if created_at is not None:
+                index = self.keys.project_index(cmd.project_id)
+                self.client.zadd(index, {session_id: int(created_at)}, nx=True)
         return reply
 
     def replace(self, cmd: ReplaceCommand, *, remember: bool = True) -> Reply:

@@ -973,3 +973,15 @@ def test_a_remove_job_repeated_after_the_session_was_created_again_leaves_the_jo
     assert doc is not None and list(doc["jobs"]) == ["a"]
     record = store.job_record(PROJECT, "a")
     assert record is not None and record.session_id == "s5"
+
+
+def test_a_create_repeated_without_its_request_id_finishes_the_indexing(store: Store) -> None:
+    """A create whose steps after the script never ran (its caller got a 503 and has no
+    request id to repeat) is listed once the caller creates the same id again (409)."""
+    cmd = create_cmd("s6", "a")
+    args = store_module._document_args(cmd.document, scalar_defaults(HOLD_OFF))
+    store._run("create", PROJECT, "s6", "", "", False, args)  # the script, and nothing after
+    assert store.get(PROJECT, "s6") is not None
+    assert store.list_sessions(PROJECT) == []
+    assert error_of(store.create(create_cmd("s6", "a"))) == "conflict"
+    assert [d["session_id"] for d in store.list_sessions(PROJECT)] == ["s6"]
