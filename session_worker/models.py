@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from typing import Annotated, Any, Literal
 
@@ -13,6 +14,7 @@ from pydantic import (
     StrictInt,
     StrictStr,
     field_validator,
+    model_validator,
 )
 
 from .errors import error_from_code
@@ -42,6 +44,16 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+def _real_datetime(value: str | None) -> str | None:
+    """An ISO-8601 date-time that exists (the pattern alone lets 2024-13-45T99:99 in)."""
+    if value is not None:
+        try:
+            dt.datetime.fromisoformat(value)
+        except ValueError as exc:
+            raise ValueError(f"not a valid date-time: {exc}") from None
+    return value
+
+
 class Schedule(Strict):
     """A session's scheduling information: the fields of a freezer job_schedule."""
 
@@ -66,6 +78,10 @@ class Schedule(Strict):
     schedule_minute: _CRON | None = None
     schedule_second: _CRON | None = None
     current_pid: Count | None = None
+
+    _dates = field_validator("schedule_date", "schedule_start_date", "schedule_end_date")(
+        _real_datetime
+    )
 
 
 class JobEntry(Strict):
@@ -97,9 +113,9 @@ class SessionFields(Strict):
     status: SessionStatus | None = None
     result: SessionResult | None = None
     run_timeout: Count | None = None
+    # Accepted so that a fetched document can be sent back; the service keeps its own.
+    # Only as `_version`: a field named `version` is unknown, like any other.
     version: Count | None = Field(default=None, alias="_version")
-
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
 
 # Fields a caller may set; the rest of a document (ids, _version) is the service's.
@@ -175,18 +191,42 @@ class RemoveJobCommand(SessionCommand):
     job_id: Id
 
 
+def _same_ids(cmd: Command, doc: SessionFields, where: str) -> None:
+    """A document may name the ids of its command, never others."""
+    if doc.project_id is not None and doc.project_id != cmd.project_id:
+        raise ValueError(f"{where}.project_id {doc.project_id!r} is not {cmd.project_id!r}")
+    session_id = getattr(cmd, "session_id", None)
+    if session_id is not None and doc.session_id is not None and doc.session_id != session_id:
+        raise ValueError(f"{where}.session_id {doc.session_id!r} is not {session_id!r}")
+
+
 class CreateCommand(Command):
     document: SessionFields
     user_id: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_-]{0,64}$")] = ""
+
+    @model_validator(mode="after")
+    def _ids(self) -> CreateCommand:
+        _same_ids(self, self.document, "document")
+        return self
 
 
 class ReplaceCommand(SessionCommand):
     document: SessionFields
     user_id: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_-]{0,64}$")] = ""
 
+    @model_validator(mode="after")
+    def _ids(self) -> ReplaceCommand:
+        _same_ids(self, self.document, "document")
+        return self
+
 
 class UpdateCommand(SessionCommand):
     patch: SessionFields
+
+    @model_validator(mode="after")
+    def _ids(self) -> UpdateCommand:
+        _same_ids(self, self.patch, "patch")
+        return self
 
 
 class DeleteCommand(SessionCommand):

@@ -80,6 +80,17 @@ def _document_args(doc: SessionFields, defaults: dict[str, Any] | None) -> list[
     return [orjson.dumps(scalars).decode(), schedule, orjson.dumps(jobs).decode()]
 
 
+def _same(stored: Any, wanted: Any) -> bool:
+    """JSON equality, types included: 1.0 and true do not match the integer 1."""
+    if type(stored) is not type(wanted):
+        return False
+    if isinstance(stored, dict):
+        return stored.keys() == wanted.keys() and all(_same(stored[k], wanted[k]) for k in stored)
+    if isinstance(stored, list):
+        return len(stored) == len(wanted) and all(map(_same, stored, wanted))
+    return bool(stored == wanted)
+
+
 def _text(value: Any) -> str:
     """A Redis reply item as text (clients may or may not decode responses)."""
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -414,9 +425,9 @@ class Store:
             doc = self.get(project_id, session_id)
             if doc is None:
                 continue
-            if any(doc.get(k) != v for m in match or () for k, v in m.items()):
+            if not all(_same(doc.get(k), v) for m in match or () for k, v in m.items()):
                 continue
-            if any(doc.get(k) == v for m in match_not or () for k, v in m.items()):
+            if any(_same(doc.get(k), v) for m in match_not or () for k, v in m.items()):
                 continue
             if skipped < offset:
                 skipped += 1

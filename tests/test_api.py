@@ -573,6 +573,9 @@ BAD_INPUT: list[tuple[str, str, str, dict[str, Any], int]] = [
     ("bad-job-id-in-path", "PUT", f"{V2}/{S}/jobs/j%2A9", {"headers": JSON}, 404),
     ("bad-job-id-in-path-delete", "DELETE", f"{V2}/{S}/jobs/a.b", {}, 404),
     ("bad-project-in-path", "GET", f"/v2/p%21/sessions/{S}", {}, 404),
+    ("impossible-schedule-date", "PATCH", f"{V2}/{S}",
+     {"json": {"schedule": {"schedule_date": "2024-13-45T99:99"}}}, 400),
+    ("version-without-underscore", "PATCH", f"{V2}/{S}", {"json": {"version": 1}}, 400),
     ("unknown-route", "GET", "/v3/sessions", {}, 404),
     ("unknown-suffix", "POST", f"{V2}/{S}/start", {"json": {}}, 404),
 ]

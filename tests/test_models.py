@@ -23,13 +23,16 @@ from session_worker.models import (
     SCALAR_FIELDS,
     Command,
     CommandKind,
+    CreateCommand,
     EndCommand,
     JobEntry,
+    ReplaceCommand,
     Reply,
     Schedule,
     SessionEvent,
     SessionFields,
     StartCommand,
+    UpdateCommand,
     scalar_defaults,
 )
 
@@ -209,6 +212,8 @@ def test_a_document_round_trips_with_its_version_alias() -> None:
         ("schedule_interval", "every day"),
         ("schedule_interval", "1 fortnights"),
         ("schedule_date", "tomorrow"),
+        ("schedule_date", "2024-13-45T99:99"),
+        ("schedule_end_date", "2023-02-29T10:00"),
         ("schedule_year", "99"),
         ("event", "explode"),
         ("status", "done"),
@@ -248,6 +253,38 @@ def test_schedule_values_accepted(field: str, value: str) -> None:
 def test_document_values_are_checked(field: str, value: Any) -> None:
     with pytest.raises(ValidationError):
         SessionFields.model_validate({field: value})
+
+
+def test_the_version_field_is_named_with_its_underscore_only() -> None:
+    assert SessionFields.model_validate({"_version": 4}).version == 4
+    with pytest.raises(ValidationError, match="version"):
+        SessionFields.model_validate({"version": 4})
+
+
+@pytest.mark.parametrize(
+    ("model", "fields"),
+    [
+        (CreateCommand, {"document": {"project_id": "other"}}),
+        (ReplaceCommand, {"session_id": "s", "document": {"session_id": "t"}}),
+        (ReplaceCommand, {"session_id": "s", "document": {"project_id": "other"}}),
+        (UpdateCommand, {"session_id": "s", "patch": {"session_id": "t"}}),
+        (UpdateCommand, {"session_id": "s", "patch": {"project_id": "other"}}),
+    ],
+)
+def test_a_document_naming_other_ids_than_its_command_is_refused(
+    model: type[Command], fields: dict[str, Any]
+) -> None:
+    with pytest.raises(ValidationError, match="is not"):
+        model.model_validate({"request_id": "r", "project_id": "p", **fields})
+    same = {
+        k: (
+            {**v, **{n: x for n, x in (("session_id", "s"), ("project_id", "p")) if n in v}}
+            if isinstance(v, dict)
+            else v
+        )
+        for k, v in fields.items()
+    }
+    model.model_validate({"request_id": "r", "project_id": "p", **same})
 
 
 def test_end_results_are_the_three_of_the_spec() -> None:

@@ -558,6 +558,18 @@ BAD_COMMANDS: dict[str, tuple[str, dict[str, Any], str, str]] = {
         "bad_request",
         "colour",
     ),
+    "patch naming another session": (
+        "update",
+        {"session_id": "s", "patch": {"session_id": "other", "description": "x"}},
+        "bad_request",
+        "patch.session_id",
+    ),
+    "replace naming another project": (
+        "replace",
+        {"session_id": "s", "document": {"project_id": "elsewhere"}},
+        "bad_request",
+        "document.project_id",
+    ),
     "unknown session": (
         "start",
         {"session_id": "nope", "job_id": "j0", "current_tag": 0},

@@ -985,3 +985,15 @@ def test_a_create_repeated_without_its_request_id_finishes_the_indexing(store: S
     assert store.list_sessions(PROJECT) == []
     assert error_of(store.create(create_cmd("s6", "a"))) == "conflict"
     assert [d["session_id"] for d in store.list_sessions(PROJECT)] == ["s6"]
+
+
+def test_list_filters_compare_json_types_too(store: Store) -> None:
+    store.create(create_cmd("s7", session_tag=1)).raise_for_error()
+    assert [d["session_id"] for d in store.list_sessions(PROJECT, match=[{"session_tag": 1}])] == [
+        "s7"
+    ]
+    for wanted in (1.0, True, "1"):
+        assert store.list_sessions(PROJECT, match=[{"session_tag": wanted}]) == []
+        assert len(store.list_sessions(PROJECT, match_not=[{"session_tag": wanted}])) == 1
+    assert store.list_sessions(PROJECT, match=[{"schedule": {}}]) != []
+    assert store.list_sessions(PROJECT, match=[{"schedule": []}]) == []
