@@ -130,14 +130,20 @@ def _grow(ctx: Context, client: Redis, size: int) -> dict[str, float]:
     parts = {
         name: _memory(client, [key])
         for name, key in zip(keys._fields, keys, strict=True)
-        if name != "reply"
+        if name not in ("reply", "request")
     }
     records = [store.keys.job_record(BENCH_PROJECT, job) for job in jobs]
     moves = [
         store.keys.job_move(BENCH_PROJECT, job, rid)
         for job, rid in zip(jobs, request_ids, strict=True)
     ]
-    requests_stored = int(client.hlen(keys.requests))
+    request_keys = [
+        k.decode()
+        for k in client.scan_iter(
+            match=f"{store.keys.session_base(BENCH_PROJECT, session_id)}:request:*"
+        )
+    ]
+    requests_stored = len(request_keys)
     run_entries = int(client.hlen(keys.run_jobs))
     return {
         "add_server": add_server,
@@ -153,7 +159,7 @@ def _grow(ctx: Context, client: Redis, size: int) -> dict[str, float]:
         "session_bytes": float(sum(parts.values())),
         "meta": float(parts["meta"]),
         "jobs_hash": float(parts["jobs"]),
-        "requests_bytes": float(parts["requests"] + parts["requests_expiry"]),
+        "requests_bytes": float(_memory(client, request_keys)),
         "requests_stored": float(requests_stored),
         "history_bytes": float(parts["runs"] + parts["run_jobs"] + parts["run_jobs_index"]),
         "run_entries": float(run_entries),
@@ -252,7 +258,7 @@ def _result(
             "the add_job that moved it (request_ttl)."
         )
     memory.notes += [
-        "request record: the stored reply of one command (requests hash + expiry zset), "
+        "request record: the stored reply of one command (a string key with a TTL), "
         "kept request_ttl (default 24 h) for de-duplication; history entry: one job's state "
         "in one run (run_jobs hash + index), kept for the last history_limit runs.",
     ]

@@ -19,8 +19,7 @@ class SessionKeys(NamedTuple):
     runs: str  # hash: tag -> run JSON (history)
     run_jobs: str  # hash: "<tag>:<job_id>" -> the job's state in that run
     run_jobs_index: str  # zset: "<tag>:<job_id>" scored by tag (per-run listing, eviction)
-    requests: str  # hash: request_id -> "<fingerprint>|<reply JSON>"
-    requests_expiry: str  # zset: request_id scored by the time it may be forgotten
+    request: str  # string: this request's record, "<fingerprint>|<reply JSON>" (TTL)
     reply: str  # list: this request's reply, read by the waiting caller
 
 
@@ -30,6 +29,10 @@ class KeyBuilder:
 
     def session_base(self, project_id: str, session_id: str) -> str:
         return f"{self.prefix}:{{{project_id}:{session_id}}}"
+
+    def request(self, project_id: str, session_id: str, request_id: str) -> str:
+        """String: what the command with this request id answered, and its fingerprint."""
+        return f"{self.session_base(project_id, session_id)}:request:{request_id}"
 
     def reply(self, project_id: str, session_id: str, request_id: str) -> str:
         return f"{self.session_base(project_id, session_id)}:reply:{request_id}"
@@ -42,8 +45,7 @@ class KeyBuilder:
             runs=f"{base}:runs",
             run_jobs=f"{base}:runjobs",
             run_jobs_index=f"{base}:runjobs:ix",
-            requests=f"{base}:requests",
-            requests_expiry=f"{base}:requests:exp",
+            request=self.request(project_id, session_id, request_id),
             reply=self.reply(project_id, session_id, request_id),
         )
 

@@ -32,8 +32,7 @@ def test_the_layout_of_a_sessions_keys() -> None:
         runs="sw:{p:s}:runs",
         run_jobs="sw:{p:s}:runjobs",
         run_jobs_index="sw:{p:s}:runjobs:ix",
-        requests="sw:{p:s}:requests",
-        requests_expiry="sw:{p:s}:requests:exp",
+        request="sw:{p:s}:request:r",
         reply="sw:{p:s}:reply:r",
     )
 

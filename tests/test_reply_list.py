@@ -64,6 +64,8 @@ def test_a_repeated_command_leaves_one_reply_to_read(backend: redis.Redis) -> No
     cmd = AddJobCommand(
         request_id=rid, reply_to=reply_key, project_id=PROJECT, session_id="s", job_id="a"
     )
-    assert store.add_job(cmd) == store.add_job(cmd)
+    first = store.add_job(cmd)
+    again = store.add_job(cmd)
+    assert again.repeated is True and again.as_stored() == first
     assert backend.llen(reply_key) == 1
     assert 0 < backend.ttl(reply_key) <= Settings().reply_ttl

@@ -202,8 +202,8 @@ def test_script_calls_in_a_pipeline_survive_script_flush(backend: redis.Redis) -
     store.create(CreateCommand(request_id="r0", project_id=PROJECT, document=doc))
     backend.script_flush()
     pipe = backend.pipeline()
-    keys = store.keys.session(PROJECT, "s")
     for i in range(3):
+        keys = store.keys.session(PROJECT, "s", f"r{i + 1}")  # each request its own record
         store.scripts["add_job"](
             keys=list(keys),
             args=[f"r{i + 1}", "fp", 600, 0, "events", 10, "", PROJECT, "s", f"job-{i}", ""],

@@ -7,9 +7,9 @@
 --   KEYS[3] runs            hash  tag -> run JSON (history, bounded by ARGV[6])
 --   KEYS[4] run_jobs        hash  "<tag>:<job_id>" -> job state in that run {s, x, ts, te}
 --   KEYS[5] run_jobs_index  zset  "<tag>:<job_id>" scored by tag
---   KEYS[6] requests        hash  request_id -> "<fingerprint>|<reply JSON>"
---   KEYS[7] requests_expiry zset  request_id scored by forget time (seconds)
---   KEYS[8] reply           list  reply list of this request (the caller BLPOPs it)
+--   KEYS[6] request         string  this request's record "<fingerprint>|<reply JSON>",
+--                                   expiring after ARGV[3] seconds
+--   KEYS[7] reply           list    reply list of this request (the caller BLPOPs it)
 -- and the same leading ARGV:
 --   ARGV[1]  request_id ("" for reads: no de-duplication, no reply push)
 --   ARGV[2]  fingerprint of the command (hex)
@@ -68,15 +68,35 @@ local function call_chunked(command, key, items)
   return out
 end
 
--- The session as a table (numbers converted), or nil when it does not exist.
-local function load_session()
-  local flat = redis.call('HGETALL', KEYS[1])
-  if #flat == 0 then return nil end
+-- The fields of the session that start, end, add_job, remove_job and delete read: an
+-- HMGET of them costs a fraction of an HGETALL of the whole hash (documents, reads).
+-- session_tag comes first: every session has it, so its absence means no session.
+local RUN_FIELDS = {'session_tag', 'time_start', 'time_end', 'time_started', 'hold_off',
+                    'status', 'result', 'closed', 'members', 'done', 'failed', 'version',
+                    'run_timeout', 'hist_min', 'schedule'}
+
+-- The session as a table (numbers converted), or nil when it does not exist; only `fields`
+-- when given, else every field.
+local function load_session(fields)
   local s = {}
-  for i = 1, #flat, 2 do
-    local k, v = flat[i], flat[i + 1]
-    if NUMERIC[k] then v = tonumber(v) end
-    s[k] = v
+  if fields then
+    local values = redis.call('HMGET', KEYS[1], unpack(fields))
+    if not values[1] then return nil end
+    for i, k in ipairs(fields) do
+      local v = values[i]
+      if v then
+        if NUMERIC[k] then v = tonumber(v) end
+        s[k] = v
+      end
+    end
+  else
+    local flat = redis.call('HGETALL', KEYS[1])
+    if #flat == 0 then return nil end
+    for i = 1, #flat, 2 do
+      local k, v = flat[i], flat[i + 1]
+      if NUMERIC[k] then v = tonumber(v) end
+      s[k] = v
+    end
   end
   s._dirty = {}
   return s
@@ -268,17 +288,9 @@ local CURRENT = nil
 -- refused reuse of the request id must not take the first caller's reply away).
 local function push_reply(reply, behind)
   if REQUEST_ID == '' or REPLY_TTL == 0 then return end
-  if not behind then redis.call('DEL', KEYS[8]) end
-  redis.call('RPUSH', KEYS[8], reply)
-  redis.call('EXPIRE', KEYS[8], REPLY_TTL)
-end
-
-local function forget_expired_requests()
-  local old = redis.call('ZRANGEBYSCORE', KEYS[7], '-inf', NOW, 'LIMIT', 0, 64)
-  if #old > 0 then
-    redis.call('HDEL', KEYS[6], unpack(old))
-    redis.call('ZREM', KEYS[7], unpack(old))
-  end
+  if not behind then redis.call('DEL', KEYS[7]) end
+  redis.call('RPUSH', KEYS[7], reply)
+  redis.call('EXPIRE', KEYS[7], REPLY_TTL)
 end
 
 -- Remember the reply under the request id, push it, return it.
@@ -288,9 +300,7 @@ local function finish(reply_table)
   local reply = cjson.encode(reply_table)
   if CURRENT then save(CURRENT) end
   if REQUEST_ID ~= '' then
-    forget_expired_requests()
-    redis.call('HSET', KEYS[6], REQUEST_ID, FINGERPRINT .. '|' .. reply)
-    redis.call('ZADD', KEYS[7], NOW + REQUEST_TTL, REQUEST_ID)
+    redis.call('SET', KEYS[6], FINGERPRINT .. '|' .. reply, 'EX', REQUEST_TTL)
   end
   push_reply(reply)
   return returned(reply)
@@ -310,7 +320,7 @@ end
 -- delete, delete.lua), so the caller knows which of its steps outside the slot to redo.
 local function repeated(exists)
   if REQUEST_ID == '' then return nil end
-  local stored = redis.call('HGET', KEYS[6], REQUEST_ID)
+  local stored = redis.call('GET', KEYS[6])
   if not stored then return nil end
   local bar = string.find(stored, '|', 1, true)
   if string.sub(stored, 1, bar - 1) ~= FINGERPRINT then
@@ -337,9 +347,10 @@ local function not_found()
   return refuse('not_found', 'session ' .. SESSION .. ' does not exist')
 end
 
--- Open a session script: nil plus the reply to return, or the loaded session.
-local function open_session()
-  local s = load_session()
+-- Open a session script: nil plus the reply to return, or the loaded session (only
+-- `fields`, when given; see load_session).
+local function open_session(fields)
+  local s = load_session(fields)
   if not s then
     local again = repeated(false)
     if again then return nil, again end
@@ -433,13 +444,4 @@ local function fresh_session()
   set(s, 'done', 0)
   set(s, 'failed', 0)
   return s
-end
-
--- A session whose request records outlived a delete keeps them from now on. Call it after
--- the script's first memory-taking write: PERSIST takes none, and once a script has written
--- anything Redis lets it write on past maxmemory, so a first PERSIST would let a whole
--- create through a Redis that is out of memory (and fail the steps after it).
-local function keep_request_records()
-  redis.call('PERSIST', KEYS[6])
-  redis.call('PERSIST', KEYS[7])
 end

@@ -8,7 +8,7 @@
 -- job_schedule (the session's schedule, for the job's own record); or not_found,
 -- idempotency_mismatch. The job enters as `scheduled`, a member from the next run on.
 
-local s, early = open_session()
+local s, early = open_session(RUN_FIELDS)
 if not s then return early end
 
 local job_id = ARGV[10]

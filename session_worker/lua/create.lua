@@ -26,6 +26,4 @@ rebuild_counters(s)
 bump_version(s)
 write_run(s)
 publish({event = 'session_created'})
-local reply = ok('success', s, {created_at = s.created_at, deadline = deadline_of(s)})
-keep_request_records()  -- after ok()'s writes (see keep_request_records)
-return reply
+return ok('success', s, {created_at = s.created_at, deadline = deadline_of(s)})

@@ -10,7 +10,7 @@
 -- error: not_found, bad_request (job not in the session, bad result, tag too high),
 -- idempotency_mismatch.
 
-local s, early = open_session()
+local s, early = open_session(RUN_FIELDS)
 if not s then return early end
 
 local job_id = ARGV[10]

@@ -8,7 +8,7 @@
 -- the run (and its history): that may complete the run; removing the last member leaves the
 -- run open for its deadline.
 
-local s, early = open_session()
+local s, early = open_session(RUN_FIELDS)
 if not s then return early end
 
 local job_id = ARGV[10]

@@ -42,15 +42,14 @@ set(s, 'schedule', ARGV[11])
 local member_of = s.session_tag + 1
 if created and s.status == 'running' then member_of = s.session_tag end
 merge_jobs(s, jobs, member_of)
--- (Jobs leave after the first writes: an HDEL takes no memory, and a script that wrote
--- anything may write on past maxmemory; see keep_request_records.)
+-- (Jobs leave after the first writes: an HDEL takes no memory, and once a script has
+-- written anything Redis lets it write on past maxmemory, so a first HDEL would let a whole
+-- replace through a Redis that is out of memory.)
 call_chunked('HDEL', KEYS[2], detached)
 rebuild_counters(s)
 bump_version(s)
 write_run(s)
 recompute(s)
 publish({event = 'session_replaced'})
-local reply = ok('success', s, {created = created, created_at = s.created_at, detached = detached,
+return ok('success', s, {created = created, created_at = s.created_at, detached = detached,
                          deadline = deadline_of(s)})
-keep_request_records()  -- after ok()'s writes (see keep_request_records)
-return reply

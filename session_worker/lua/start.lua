@@ -9,7 +9,7 @@
 -- not_found (no session), bad_request (job not in the session, tag too high, tag at its
 -- bound 10^12), idempotency_mismatch (request id reused for another command).
 
-local s, early = open_session()
+local s, early = open_session(RUN_FIELDS)
 if not s then return early end
 
 local job_id = ARGV[10]

@@ -462,8 +462,8 @@ class Ledger:
             doc = store.get(PROJECT, session_id)
             assert doc is not None, session_id
             final = int(doc["_version"])
-            requests_key = store.keys.session(PROJECT, session_id).requests
-            records = store.client.hmget(requests_key, ids) if ids else []
+            keys = [store.keys.request(PROJECT, session_id, i) for i in ids]
+            records = store.client.mget(keys) if ids else []
             recorded = sum(1 for r in records if r is not None)
             applied += final - base
             lost += len(ids) - recorded
