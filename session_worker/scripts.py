@@ -28,6 +28,8 @@ SESSION_SCRIPTS = (
     "read",
     "runs",
 )
+# Session scripts that also get lua/_documents.lua (the helpers of whole-document writes).
+DOCUMENT_SCRIPTS = ("create", "replace", "update")
 JOB_SCRIPTS = ("attach_job", "detach_job")
 
 
@@ -37,7 +39,9 @@ def lua_source(name: str) -> str:
     folder = resources.files("session_worker") / "lua"
     body = (folder / f"{name}.lua").read_text(encoding="utf-8")
     if name in SESSION_SCRIPTS:
-        return (folder / "_prelude.lua").read_text(encoding="utf-8") + "\n" + body
+        parts = ["_prelude", "_documents"] if name in DOCUMENT_SCRIPTS else ["_prelude"]
+        heads = [(folder / f"{part}.lua").read_text(encoding="utf-8") for part in parts]
+        return "\n".join([*heads, body])
     return body
 
 

@@ -23,7 +23,13 @@ from session_worker.models import (
     SessionFields,
     StartCommand,
 )
-from session_worker.scripts import JOB_SCRIPTS, SESSION_SCRIPTS, Scripts, lua_source
+from session_worker.scripts import (
+    DOCUMENT_SCRIPTS,
+    JOB_SCRIPTS,
+    SESSION_SCRIPTS,
+    Scripts,
+    lua_source,
+)
 from session_worker.settings import Settings
 from session_worker.store import Store
 
@@ -62,7 +68,7 @@ def documented(kind: str, text: str) -> set[int]:
 
 
 def test_every_lua_file_is_registered() -> None:
-    assert set(lua_files()) == {*SESSION_SCRIPTS, *JOB_SCRIPTS, "_prelude"}
+    assert set(lua_files()) == {*SESSION_SCRIPTS, *JOB_SCRIPTS, "_prelude", "_documents"}
     assert len(SESSION_SCRIPTS + JOB_SCRIPTS) == len({*SESSION_SCRIPTS, *JOB_SCRIPTS})
 
 
@@ -77,7 +83,11 @@ def test_scripts_registers_each_one_by_the_sha_of_its_full_source() -> None:
 def test_session_scripts_get_the_prelude_and_job_scripts_do_not() -> None:
     files = lua_files()
     for name in SESSION_SCRIPTS:
-        assert lua_source(name) == files["_prelude"] + "\n" + files[name]
+        if name in DOCUMENT_SCRIPTS:
+            heads = files["_prelude"] + "\n" + files["_documents"]
+        else:
+            heads = files["_prelude"]
+        assert lua_source(name) == heads + "\n" + files[name]
     for name in JOB_SCRIPTS:
         assert lua_source(name) == files[name]
 
@@ -95,7 +105,7 @@ def test_each_file_opens_with_a_header_naming_itself(name: str) -> None:
 @pytest.mark.parametrize("name", SESSION_SCRIPTS)
 def test_a_session_script_header_names_the_argv_it_uses(name: str) -> None:
     text = lua_files()[name]
-    assert "KEYS[1..8], ARGV[1..9]: see _prelude.lua" in header(text)
+    assert "KEYS[1..7], ARGV[1..9]: see _prelude.lua" in header(text)
     assert "Returns" in header(text)
     own = {n for n in used("ARGV", text) if n > PRELUDE_ARGV}
     assert own == documented("ARGV", text), name
@@ -122,7 +132,8 @@ def test_the_prelude_header_is_the_key_layout_of_keys_py() -> None:
 def test_lua_never_builds_a_key_name(name: str) -> None:
     """Every key a script touches comes from KEYS (SPEC §8: one declared slot per call)."""
     code = "\n".join(line.split("--", 1)[0] for line in lua_files()[name].splitlines())
-    for command, first in re.findall(r"redis\.call\('(\w+)'(?:,\s*([^,)]+))?", code):
+    calls = r"(?:redis\.call|call_chunked)\('(\w+)'(?:,\s*([^,)]+))?"
+    for command, first in re.findall(calls, code):
         if command in ("TIME", "PUBLISH"):
             continue
         assert first.startswith("KEYS["), f"{name}: {command} {first}"

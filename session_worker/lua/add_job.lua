@@ -1,6 +1,6 @@
 -- add_job.lua: put a job into the session (SPEC §3, add_job).
 --
--- KEYS[1..8], ARGV[1..9]: see _prelude.lua.
+-- KEYS[1..7], ARGV[1..9]: see _prelude.lua.
 -- ARGV[10] job_id
 -- ARGV[11] client_id ("" when unknown)
 --

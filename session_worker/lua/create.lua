@@ -1,6 +1,6 @@
 -- create.lua: store a new session document (SPEC §3, create).
 --
--- KEYS[1..8], ARGV[1..9]: see _prelude.lua.
+-- KEYS[1..7], ARGV[1..9]: see _prelude.lua.
 -- ARGV[10] scalar fields JSON: every field of _prelude's DOC_FIELDS, validated and defaulted
 -- ARGV[11] schedule JSON (stored as given)
 -- ARGV[12] jobs JSON: job_id -> {client_id, status, result, time_started, time_ended}

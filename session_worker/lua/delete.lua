@@ -1,7 +1,7 @@
 -- delete.lua: remove the session and its run history (SPEC §3, delete; see below for its
 -- request records).
 --
--- KEYS[1..8], ARGV[1..9]: see _prelude.lua.
+-- KEYS[1..7], ARGV[1..9]: see _prelude.lua.
 --
 -- Returns the reply JSON: ok + detached (the session's job ids, whose records the caller
 -- detaches); or not_found, idempotency_mismatch. The session's request records (one key

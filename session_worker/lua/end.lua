@@ -1,6 +1,6 @@
 -- end.lua: a job reports the end of its part of a run (SPEC §3, end).
 --
--- KEYS[1..8], ARGV[1..9]: see _prelude.lua.
+-- KEYS[1..7], ARGV[1..9]: see _prelude.lua.
 -- ARGV[10] job_id
 -- ARGV[11] current_tag ("" = the session's tag)
 -- ARGV[12] result: success | fail | aborted

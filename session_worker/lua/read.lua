@@ -1,6 +1,6 @@
 -- read.lua: the session document, after applying a passed run deadline (SPEC §4).
 --
--- KEYS[1..8], ARGV[1..9]: see _prelude.lua (ARGV[1] is "": reads are not de-duplicated).
+-- KEYS[1..7], ARGV[1..9]: see _prelude.lua (ARGV[1] is "": reads are not de-duplicated).
 --
 -- Returns false when the session does not exist, else the document JSON with `schedule` as
 -- the stored JSON string and `jobs` as job_id -> {client_id, status, result, time_started,

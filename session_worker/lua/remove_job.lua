@@ -1,6 +1,6 @@
 -- remove_job.lua: take a job out of the session (SPEC §3, remove_job).
 --
--- KEYS[1..8], ARGV[1..9]: see _prelude.lua.
+-- KEYS[1..7], ARGV[1..9]: see _prelude.lua.
 -- ARGV[10] job_id
 --
 -- Returns the reply JSON: ok + removed (false when the job was not there: nothing changes);

@@ -1,6 +1,6 @@
 -- replace.lua: create the session or overwrite its document (SPEC §3, replace).
 --
--- KEYS[1..8], ARGV[1..9]: see _prelude.lua.
+-- KEYS[1..7], ARGV[1..9]: see _prelude.lua.
 -- ARGV[10] scalar fields JSON: every field of _prelude's DOC_FIELDS, validated and defaulted,
 --          except session_tag, which keeps its value when not given
 -- ARGV[11] schedule JSON (stored as given)

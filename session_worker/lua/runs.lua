@@ -1,6 +1,6 @@
 -- runs.lua: run history (SPEC §4), after applying a passed run deadline.
 --
--- KEYS[1..8], ARGV[1..9]: see _prelude.lua (ARGV[1] is "": reads are not de-duplicated).
+-- KEYS[1..7], ARGV[1..9]: see _prelude.lua (ARGV[1] is "": reads are not de-duplicated).
 -- ARGV[10] tag of the one run wanted, or "" for every run kept
 --
 -- Returns false when the session does not exist, else JSON {"runs": [...]} ascending by tag,

@@ -1,6 +1,6 @@
 -- start.lua: a job asks to start the session's run (SPEC §3, start).
 --
--- KEYS[1..8], ARGV[1..9]: see _prelude.lua.
+-- KEYS[1..7], ARGV[1..9]: see _prelude.lua.
 -- ARGV[10] job_id
 -- ARGV[11] current_tag: the tag the node holds (integer, 0..10^12)
 --

@@ -1,6 +1,6 @@
 -- update.lua: merge fields into the session document (SPEC §3, update / PATCH).
 --
--- KEYS[1..8], ARGV[1..9]: see _prelude.lua.
+-- KEYS[1..7], ARGV[1..9]: see _prelude.lua.
 -- ARGV[10] scalar fields JSON: only the fields to change, validated
 -- ARGV[11] schedule JSON, or "" to keep the schedule
 -- ARGV[12] jobs JSON: job_id -> the fields to change (a new job_id adds the job)
