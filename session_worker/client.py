@@ -32,6 +32,16 @@ from .store import Store, derived_session_id
 _MAX_REPR = 512
 
 
+def _summary(fields: dict[str, Any]) -> str:
+    """The command's own fields, short (no ids the task id and reply key already carry)."""
+    shown = (
+        f"{name}={value!r}"
+        for name, value in fields.items()
+        if name not in ("request_id", "reply_to", "project_id") and not isinstance(value, dict)
+    )
+    return ", ".join(shown)[:_MAX_REPR]
+
+
 class SessionClient:
     """Commands through the queue (typed replies) and reads from the store, for one project.
 
@@ -95,9 +105,13 @@ class SessionClient:
             task_name(kind),
             kwargs=fields,
             queue=self.settings.queue,
-            # What Flower and the worker log show; cheaper than Celery's own saferepr.
+            # The Celery task id is the request id (Flower, logs and the unacked set then
+            # name the command as its sender does).
+            task_id=request_id,
+            # What Flower and the worker log show: a short summary, not a second copy of
+            # the command (Celery puts it in the message twice).
             argsrepr="()",
-            kwargsrepr=repr(fields)[:_MAX_REPR],
+            kwargsrepr=_summary(fields),
         )
         return request_id, reply_key
 
