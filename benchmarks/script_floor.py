@@ -72,9 +72,14 @@ class ScriptCaller:
         static = self._static.get(session_id)
         if static is None:
             keys = list(self.store.keys.session(self.project_id, session_id))
-            static = (keys[:-1], events_channel(self.project_id, session_id))
+            # All but the two keys of the request itself (its record and its reply list).
+            static = (keys[:-2], events_channel(self.project_id, session_id))
             self._static[session_id] = static
-        return [*static[0], self.store.keys.reply(self.project_id, session_id, request_id)]
+        return [
+            *static[0],
+            self.store.keys.request(self.project_id, session_id, request_id),
+            self.store.keys.reply(self.project_id, session_id, request_id),
+        ]
 
     def command(self, script: str, session_id: str, args: list[Any]) -> tuple[Any, ...]:
         """The EVALSHA arguments of one call."""
@@ -121,7 +126,7 @@ def bulk_sessions(
         jobs = orjson.dumps({f"{session_id}-j{k}": {} for k in range(SESSION_JOBS)}).decode()
         commands.append(caller.command("create", session_id, [scalars, "{}", jobs]))
     for raw in pipelined(client, commands, PIPELINE_DEPTH):
-        if b'"ok":true' not in raw:
+        if b'"ok":true' not in raw or b'"repeated"' in raw:
             raise RuntimeError(f"create.lua refused a benchmark session: {raw!r}")
     return ids
 
@@ -156,7 +161,8 @@ class _Rounds:
 
     def check(self, replies: list[Any]) -> None:
         for raw in replies:
-            if b'"result":"success"' not in raw:
+            # (A fresh request answered as a repeat would mean a broken benchmark.)
+            if b'"result":"success"' not in raw or b'"repeated"' in raw:
                 self.unexpected += 1
 
 

@@ -994,3 +994,21 @@ def test_list_filters_compare_json_types_too(store: Store) -> None:
         assert len(store.list_sessions(PROJECT, match_not=[{"session_tag": wanted}])) == 1
     assert store.list_sessions(PROJECT, match=[{"schedule": {}}]) != []
     assert store.list_sessions(PROJECT, match=[{"schedule": []}]) == []
+
+
+def test_history_keeps_the_last_runs_across_a_gap_in_the_tags(store: Store, clock: Clock) -> None:
+    """Runs are dropped from the lowest tag up; a document that raised the tag far leaves a
+    gap, which the trim crosses too (history_limit is 3 here)."""
+    store.create(create_cmd("g", "a", hold_off=0)).raise_for_error()
+    tag = 0
+    for _ in range(4):
+        clock.now += 10
+        tag = store.start(start_cmd("g", "a", tag)).raise_for_error().session_tag or 0
+    store.update(update_cmd("g", session_tag=500)).raise_for_error()
+    tag = 500
+    for _ in range(3):
+        clock.now += 10
+        tag = store.start(start_cmd("g", "a", tag)).raise_for_error().session_tag or 0
+    runs = store.runs(PROJECT, "g")
+    assert runs is not None
+    assert [r["session_tag"] for r in runs] == [501, 502, 503]

@@ -73,7 +73,7 @@ end
 -- session_tag comes first: every session has it, so its absence means no session.
 local RUN_FIELDS = {'session_tag', 'time_start', 'time_end', 'time_started', 'hold_off',
                     'status', 'result', 'closed', 'members', 'done', 'failed', 'version',
-                    'run_timeout', 'hist_min', 'schedule'}
+                    'run_timeout', 'hist_min'}
 
 -- The session as a table (numbers converted), or nil when it does not exist; only `fields`
 -- when given, else every field.
@@ -186,14 +186,24 @@ end
 
 -- Keep the last HISTORY runs; forget per-job entries of evicted runs a bounded batch a call.
 local function trim_history(s)
-  if redis.call('HLEN', KEYS[3]) > HISTORY then
-    local tags = redis.call('HKEYS', KEYS[3])
-    local nums = {}
-    for i, t in ipairs(tags) do nums[i] = tonumber(t) end
-    table.sort(nums)
-    local drop = #nums - HISTORY
-    for i = 1, drop do redis.call('HDEL', KEYS[3], string.format('%d', nums[i])) end
-    set(s, 'hist_min', nums[drop + 1])
+  local extra = redis.call('HLEN', KEYS[3]) - HISTORY
+  if extra > 0 then
+    -- Tags only go up, nearly always one at a time: drop from the lowest kept tag upwards
+    -- (O(1) a run); only when a document raised the tag past a gap, sort them all.
+    local tag = math.max(s.hist_min or 0, 1)
+    local steps = 0
+    while extra > 0 and steps < 64 do
+      extra = extra - redis.call('HDEL', KEYS[3], string.format('%d', tag))
+      tag, steps = tag + 1, steps + 1
+    end
+    if extra > 0 then
+      local nums = {}
+      for i, t in ipairs(redis.call('HKEYS', KEYS[3])) do nums[i] = tonumber(t) end
+      table.sort(nums)
+      for i = 1, extra do redis.call('HDEL', KEYS[3], string.format('%d', nums[i])) end
+      tag = nums[extra + 1]
+    end
+    set(s, 'hist_min', tag)  -- every run below it is gone
   end
   local min_tag = s.hist_min or 0
   if min_tag > 0 then

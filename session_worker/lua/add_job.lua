@@ -19,4 +19,4 @@ if not get_job(job_id) then
   publish({event = 'job_added', job_id = job_id})
   added = true
 end
-return ok('success', s, {added = added, job_id = job_id, job_schedule = cjson.decode(s.schedule)})
+return ok('success', s, {added = added, job_id = job_id, job_schedule = cjson.decode(redis.call('HGET', KEYS[1], 'schedule') or '{}')})
