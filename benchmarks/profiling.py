@@ -1,13 +1,14 @@
 """Sampling profiles of running processes with py-spy, summarised as top functions.
 
-py-spy is found on PATH or in ``var/bench/tools`` (``python -m venv var/bench/tools &&
-var/bench/tools/bin/pip install py-spy``); without it, profiling is skipped with a note.
+py-spy is found on PATH, beside the running Python (``pip install -e '.[bench]'``) or in
+``var/bench/tools``; without it, profiling is skipped with a note.
 """
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +17,17 @@ from .common import ROOT
 
 
 def py_spy() -> str | None:
+    """py-spy on PATH, beside this Python (the `bench` extra), or in var/bench/tools."""
     found = shutil.which("py-spy")
     if found:
         return found
-    local = ROOT / "var" / "bench" / "tools" / "bin" / "py-spy"
-    return str(local) if local.exists() else None
+    for candidate in (
+        Path(sys.executable).with_name("py-spy"),
+        ROOT / "var" / "bench" / "tools" / "bin" / "py-spy",
+    ):
+        if candidate.exists():
+            return str(candidate)
+    return None
 
 
 @dataclass
