@@ -195,9 +195,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(_targets_table(results).text())
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(report)
+    output.write_text(report + _kept_section(output))
     progress(f"bench: wrote {output}")
     return 1 if failures else 0
+
+
+KEPT_HEADING = "## Before and after"
+
+
+def _kept_section(output: Path) -> str:
+    """The hand-written "Before and after" section of the existing report, if any: a run
+    rewrites the measured tables and keeps the history of what changed them."""
+    try:
+        old = output.read_text()
+    except OSError:
+        return ""
+    at = old.find(KEPT_HEADING)
+    return "" if at < 0 else "\n" + old[at:]
 
 
 def _targets_table(results: list[FamilyResult]) -> Table:
