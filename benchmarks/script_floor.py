@@ -305,37 +305,25 @@ def run(ctx: Context) -> FamilyResult:
         results[name] = (sample, _server_us(client, command))
         ctx.progress(f"script floor: {name}: {fmt_rate(sample.rate)} commands/s")
 
-    measure("HINCRBY sequential", lambda: _hincrby(client, ctx.duration, None), "hincrby")
-    client.config_resetstat()
-    seq = _run_sequential(client, rounds, ctx.duration)
-    server = _server_us(client, "evalsha")
-    results["start sequential"] = (seq[0], None)
-    results["end sequential"] = (seq[1], None)
-    seq_server = server
-    ctx.progress(
-        f"script floor: start/end sequential: {fmt_rate(seq[0].rate)} / "
-        f"{fmt_rate(seq[1].rate)} commands/s"
-    )
-    measure("HINCRBY pipelined", lambda: _hincrby(client, ctx.duration, PIPELINE_DEPTH), "hincrby")
-    client.config_resetstat()
-    pip = _runpipelined(client, rounds, ctx.duration)
-    pip_server = _server_us(client, "evalsha")
-    results["start pipelined"] = (pip[0], None)
-    results["end pipelined"] = (pip[1], None)
-    ctx.progress(
-        f"script floor: start/end pipelined: {fmt_rate(pip[0].rate)} / "
-        f"{fmt_rate(pip[1].rate)} commands/s"
-    )
+    Runner = Callable[[Redis, _Rounds, float], tuple[Sample, Sample]]
 
-    client.config_resetstat()
-    pre = _run_preencoded(client, rounds, ctx.duration)
-    pre_server = _server_us(client, "evalsha")
-    results["start pre-encoded"] = (pre[0], None)
-    results["end pre-encoded"] = (pre[1], None)
-    ctx.progress(
-        f"script floor: start/end pipelined, pre-encoded: {fmt_rate(pre[0].rate)} / "
-        f"{fmt_rate(pre[1].rate)} commands/s"
-    )
+    def measure_scripts(style: str, runner: Runner) -> float | None:
+        """Rows "start <style>" and "end <style>"; Redis's µs per EVALSHA over both."""
+        client.config_resetstat()
+        start, end = runner(client, rounds, ctx.duration)
+        results[f"start {style}"] = (start, None)
+        results[f"end {style}"] = (end, None)
+        ctx.progress(
+            f"script floor: start/end {style}: {fmt_rate(start.rate)} / "
+            f"{fmt_rate(end.rate)} commands/s"
+        )
+        return _server_us(client, "evalsha")
+
+    measure("HINCRBY sequential", lambda: _hincrby(client, ctx.duration, None), "hincrby")
+    seq_server = measure_scripts("sequential", _run_sequential)
+    measure("HINCRBY pipelined", lambda: _hincrby(client, ctx.duration, PIPELINE_DEPTH), "hincrby")
+    pip_server = measure_scripts("pipelined", _runpipelined)
+    pre_server = measure_scripts("pre-encoded", _run_preencoded)
 
     # Server time per call of start and end separately, measured on one more round each.
     per_script = _server_split(client, rounds)

@@ -351,8 +351,7 @@ class Shim:
         The given store, or one over this process's own connection, made on first use.
         Raises StoreUnreachable (a 503) without a Redis call while the breaker is open.
         """
-        if self.breaker.open:
-            raise StoreUnreachable("Redis was unreachable a moment ago")
+        self._check_reachable()
         if self._store is None:
             self._make_stores()
             assert self._store is not None
@@ -362,12 +361,15 @@ class Shim:
     def documents(self) -> Store:
         """The store of document writes and the list, called in the thread pool: a document
         with thousands of jobs takes a while, and must not hold up the event loop."""
-        if self.breaker.open:
-            raise StoreUnreachable("Redis was unreachable a moment ago")
+        self._check_reachable()
         if self._documents is None:
             self._make_stores()
             assert self._documents is not None
         return self._documents
+
+    def _check_reachable(self) -> None:
+        if self.breaker.open:
+            raise StoreUnreachable("Redis was unreachable a moment ago")
 
     def _make_stores(self) -> None:
         # Handlers call the hot-path store right on the event loop, one call at a time, so

@@ -192,16 +192,21 @@ def test_up_prints_the_redis_url_and_writes_it_for_other_terminals(stack: Up) ->
     assert (stack.cwd / "var" / "valkey").is_dir()
 
 
-def test_console_script_finds_the_embedded_server_through_the_url_file(stack: Up) -> None:
-    session = unique("script")
-    done = subprocess.run(
-        [str(CONSOLE_SCRIPT), "create", "--session-id", session, "--json"],
+def console(stack: Up, *args: str) -> subprocess.CompletedProcess[str]:
+    """`session-worker <args>` run as a new process in the stack's directory."""
+    return subprocess.run(
+        [str(CONSOLE_SCRIPT), *args],
         cwd=stack.cwd,
         env=clean_env(),
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_console_script_finds_the_embedded_server_through_the_url_file(stack: Up) -> None:
+    session = unique("script")
+    done = console(stack, "create", "--session-id", session, "--json")
     assert done.returncode == 0, done.stderr
     reply = json.loads(done.stdout)
     assert reply["ok"] is True
@@ -211,14 +216,7 @@ def test_console_script_finds_the_embedded_server_through_the_url_file(stack: Up
 def test_a_reader_that_stops_early_is_not_reported_as_a_redis_failure(stack: Up) -> None:
     session = unique("pipe")
     jobs = [arg for n in range(3000) for arg in ("--job", f"{session}-job-{n:04d}")]
-    created = subprocess.run(
-        [str(CONSOLE_SCRIPT), "create", "--session-id", session, *jobs, "--json"],
-        cwd=stack.cwd,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    created = console(stack, "create", "--session-id", session, *jobs, "--json")
     assert created.returncode == 0, created.stderr
     # `show ... | head -c 1`: the output (well over a pipe's buffer) meets a closed pipe.
     show = subprocess.Popen(
