@@ -319,7 +319,7 @@ def declared_keys(name: str) -> int:
     """How many KEYS the script's header declares (a session script: the prelude's)."""
     own = header(name)
     if name in SESSION_SCRIPTS:
-        assert "KEYS[1..8], ARGV[1..9]: see _prelude.lua" in own
+        assert f"KEYS[1..{len(SessionKeys._fields)}], ARGV[1..9]: see _prelude.lua" in own
         own = header("_prelude")
     numbers = [int(n) for n in re.findall(r"^--\s+KEYS\[(\d+)\]", own, re.MULTILINE)]
     assert numbers == list(range(1, len(numbers) + 1)), name

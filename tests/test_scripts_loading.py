@@ -105,7 +105,7 @@ def test_each_file_opens_with_a_header_naming_itself(name: str) -> None:
 @pytest.mark.parametrize("name", SESSION_SCRIPTS)
 def test_a_session_script_header_names_the_argv_it_uses(name: str) -> None:
     text = lua_files()[name]
-    assert "KEYS[1..7], ARGV[1..9]: see _prelude.lua" in header(text)
+    assert f"KEYS[1..{len(SessionKeys._fields)}], ARGV[1..9]: see _prelude.lua" in header(text)
     assert "Returns" in header(text)
     own = {n for n in used("ARGV", text) if n > PRELUDE_ARGV}
     assert own == documented("ARGV", text), name
