@@ -346,7 +346,8 @@ class Shim:
 
     @property
     def store(self) -> Store:
-        """The store of the hot path (start, end, jobs, reads), called on the event loop.
+        """The store of the hot path (start, end, add_job, remove_job), called on the event
+        loop.
 
         The given store, or one over this process's own connection, made on first use.
         Raises StoreUnreachable (a 503) without a Redis call while the breaker is open.
@@ -359,8 +360,8 @@ class Shim:
 
     @property
     def documents(self) -> Store:
-        """The store of document writes and the list, called in the thread pool: a document
-        with thousands of jobs takes a while, and must not hold up the event loop."""
+        """The store of reads, document writes and the list, called in the thread pool: a
+        document with thousands of jobs takes a while, and must not hold up the event loop."""
         self._check_reachable()
         if self._documents is None:
             self._make_stores()
@@ -372,25 +373,36 @@ class Shim:
             raise StoreUnreachable("Redis was unreachable a moment ago")
 
     def _make_stores(self) -> None:
-        # Handlers call the hot-path store right on the event loop, one call at a time, so
-        # one connection per process serves them all without a pool checkout per call (the
-        # pool's check of a connection costs a system call). It connects on first use: the
-        # shim starts while Redis is down and answers 503 until it is back. It retries a
+        # The hot path (start, end, add_job, remove_job: one O(1) script each) runs right on
+        # the event loop, one call at a time, so one connection per process serves it
+        # without a pool checkout per call (the pool's check of a connection costs a system
+        # call). Its calls wait at most http_redis_timeout: a Redis that stalls holds the
+        # process that long once, then the breaker answers. It connects on first use (the
+        # shim starts while Redis is down and answers 503 until it is back) and retries a
         # failed call once, at once, never sleeping on the event loop.
-        client = make_redis(self.settings, retry="immediate")
-        single: RedisClient = client
-        if isinstance(client, Redis):
-            single = Redis(connection_pool=client.connection_pool, single_connection_client=True)
+        loop_settings = self.settings.model_copy(
+            update={"redis_socket_timeout": self.settings.http_redis_timeout}
+        )
+        loop_client = make_redis(loop_settings, retry="immediate")
+        single: RedisClient = loop_client
+        if isinstance(loop_client, Redis):
+            single = Redis(
+                connection_pool=loop_client.connection_pool, single_connection_client=True
+            )
         # A call without Idempotency-Key leaves no request record, so it is sent at most
         # once: through a client that never retries, from a pool, whose check of a
         # connection before each call replaces one the server closed (a restart) before
         # anything is sent on it. A cut after sending is a 503, never a resend.
-        once = make_redis(self.settings, retry="never")
-        self._owned = [single, client, once] if single is not client else [client, once]
-        self._store = metrics.MeteredStore(single, self.settings, once_client=once)
-        # Document writes run in threads: pooled clients of their own (the same pools'
-        # connections are taken one per thread), never the hot path's single connection.
-        self._documents = metrics.MeteredStore(client, self.settings, once_client=once)
+        loop_once = make_redis(loop_settings, retry="never")
+        self._store = metrics.MeteredStore(single, loop_settings, once_client=loop_once)
+        # Reads and document writes (their cost grows with the jobs) run in threads, on
+        # pooled clients of their own with the general socket timeout.
+        pooled = make_redis(self.settings, retry="immediate")
+        pooled_once = make_redis(self.settings, retry="never")
+        self._documents = metrics.MeteredStore(pooled, self.settings, once_client=pooled_once)
+        self._owned = [single, loop_once, pooled, pooled_once]
+        if single is not loop_client:
+            self._owned.append(loop_client)
 
     def close(self) -> None:
         self.breaker.close()
@@ -501,7 +513,7 @@ class Shim:
     async def get_session(self, request: Request) -> Response:
         caller = self.caller(request)
         session_id = _path_id(request, "session_id")
-        doc = self.store.get(caller.project_id, session_id)
+        doc = await run_in_threadpool(self.documents.get, caller.project_id, session_id)
         if doc is None:
             raise NotFound(f"session {session_id} does not exist")
         return _json(200, doc)
@@ -648,7 +660,7 @@ class Shim:
     async def list_runs(self, request: Request) -> Response:
         caller = self.caller(request)
         session_id = _path_id(request, "session_id")
-        runs = self.store.runs(caller.project_id, session_id)
+        runs = await run_in_threadpool(self.documents.runs, caller.project_id, session_id)
         if runs is None:
             raise NotFound(f"session {session_id} does not exist")
         return _json(200, {"runs": runs})
@@ -659,7 +671,9 @@ class Shim:
         raw_tag: str = request.path_params["tag"]
         if _TAG.fullmatch(raw_tag) is None or int(raw_tag) > _MAX_INT:
             raise NotFound(f"no such run: {raw_tag!r}")
-        runs = self.store.runs(caller.project_id, session_id, int(raw_tag))
+        runs = await run_in_threadpool(
+            self.documents.runs, caller.project_id, session_id, int(raw_tag)
+        )
         if runs is None:
             raise NotFound(f"session {session_id} does not exist")
         if not runs:

@@ -9,7 +9,11 @@ dropped (it has already left the list, and it is no task: there is nothing to re
 and the worker goes on consuming. So is an envelope whose body Celery cannot even take
 apart (JSON, but not a task's ``[args, kwargs, options]``): Celery raises out of its event
 loop there too. Bodies that are not JSON, disallowed content types (pickle) and unknown
-task names are Celery's to refuse, and it does.
+``session_worker.*`` task names are Celery's to refuse, and it does (the last with an error
+reply). A well-formed message this service does not run is refused here as well: a task
+outside ``session_worker.*`` (Celery's own built-ins, such as ``celery.chord_unlock``, would
+otherwise run), or a command that carries callbacks, errbacks, a chain or a chord (Celery
+would send those on as new tasks after it).
 
 Used through ``broker_transport`` (celery_app.py); the broker URL stays ``redis://`` or
 ``rediss://``.
@@ -17,15 +21,25 @@ Used through ``broker_transport`` (celery_app.py); the broker URL stays ``redis:
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
 
+# The names of this service's tasks (celery_app.TASK_PREFIX; not imported, to keep the
+# transport free of the app).
+TASK_PREFIX = "session_worker."
+
 logger = logging.getLogger(__name__)
 
 # What decoding or delivering a malformed envelope raises.
 MALFORMED_ENVELOPE_ERRORS = (ValueError, TypeError, KeyError, AttributeError)
+
+
+class RefusedMessage(TypeError):
+    """A well-formed message this service does not run (see Transport._deliver)."""
 
 
 class Channel(kombu_redis.Channel):
@@ -50,6 +64,10 @@ class Transport(kombu_redis.Transport):
     def _deliver(self, message: Any, queue: str) -> None:
         if not _is_envelope(message):
             raise TypeError(f"not a kombu message envelope: {_shorten(message)}")
+        # (Remote control messages, on the pidbox queues, are no tasks: Celery's own.)
+        refusal = "" if queue.endswith(".pidbox") else _refusal(message)
+        if refusal:
+            raise RefusedMessage(refusal)
         try:
             super()._deliver(message, queue)  # type: ignore[no-untyped-call]
         except MALFORMED_ENVELOPE_ERRORS:
@@ -78,7 +96,38 @@ def _is_envelope(message: Any) -> bool:
     )
 
 
+def _refusal(message: dict[str, Any]) -> str:
+    """Why a message is not ours to run ("" when it is): a task outside session_worker (such
+    as Celery's own celery.chord_unlock), or a command carrying callbacks, errbacks, a chain
+    or a chord (the workers would send those on as new tasks). Only someone writing to the
+    broker directly can send either; the commands SessionClient sends never are."""
+    task = message.get("headers", {}).get("task")
+    if not isinstance(task, str) or not task.startswith(TASK_PREFIX):
+        return f"a task outside {TASK_PREFIX}*: {_shorten(task)}"
+    body = message.get("body")
+    if not isinstance(body, str) or message.get("content-type") != "application/json":
+        return ""  # Celery refuses what it cannot decode, and logs it
+    try:
+        raw = base64.b64decode(body, validate=True) if _is_base64(message) else body
+        decoded = json.loads(raw)
+    except (ValueError, TypeError):
+        return ""
+    embed = decoded[2] if isinstance(decoded, list) and len(decoded) == 3 else None
+    if isinstance(embed, dict):
+        canvas = [k for k in ("callbacks", "errbacks", "chain", "chord") if embed.get(k)]
+        if canvas:
+            return f"{task} carrying {', '.join(canvas)}"
+    return ""
+
+
+def _is_base64(message: dict[str, Any]) -> bool:
+    return bool(message["properties"].get("body_encoding") == "base64")
+
+
 def _refused(exc: BaseException) -> None:
+    if isinstance(exc, RefusedMessage):
+        logger.error("refused a message this service does not run (dropped): %s", exc)
+        return
     reason = _shorten(f"{type(exc).__name__}: {exc}")
     logger.error("refused a malformed message on the queue (dropped): %s", reason)
 

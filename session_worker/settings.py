@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=9090, ge=0, le=65535)
     http_workers: int = Field(default=2, ge=1, le=64)
+    # Seconds the shim's start, end and job calls (made on its event loop) wait for Redis
+    # before a 503: a stalled Redis holds a shim process this long once (see api.Breaker).
+    http_redis_timeout: float = Field(default=0.5, gt=0)
     auth_tokens: dict[str, TokenGrant] = Field(default_factory=dict)
     default_project: str = Field(default="default", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     insecure_no_auth: bool = False

@@ -29,6 +29,7 @@ from .models import (
     RemoveJobCommand,
     ReplaceCommand,
     Reply,
+    SessionCommand,
     SessionFields,
     StartCommand,
     UpdateCommand,
@@ -43,6 +44,9 @@ _INTERNAL_FIELDS = (*_INTERNAL, "run_completed")  # run_completed: a read's note
 
 # Script calls sent in one pipeline by _run_many.
 BATCH = 500
+# Seconds the marker of a job move made by a command without a request record is kept: long
+# enough for a retry of the call itself, not 24 hours of memory per call.
+UNREMEMBERED_MARKER_TTL = 60
 
 # Scripts that change nothing (they may apply a passed deadline, which is idempotent).
 READ_SCRIPTS = frozenset({"read", "runs"})
@@ -89,6 +93,10 @@ def _same(stored: Any, wanted: Any) -> bool:
     if isinstance(stored, list):
         return len(stored) == len(wanted) and all(map(_same, stored, wanted))
     return bool(stored == wanted)
+
+
+def _error(reply: Reply) -> str | None:
+    return reply.error.code if reply.error is not None else None
 
 
 def _text(value: Any) -> str:
@@ -235,15 +243,16 @@ class Store:
         )
         if reply.ok and not reply.gone:
             schedule = orjson.dumps(reply.job_schedule or {}).decode()
-            self._attach(cmd, cmd.session_id, [cmd.job_id], reply.session_tag or 0, schedule)
+            tag = reply.session_tag or 0
+            self._attach(cmd, cmd.session_id, [cmd.job_id], tag, schedule, remember)
         return reply
 
     def remove_job(self, cmd: RemoveJobCommand, *, remember: bool = True) -> Reply:
         reply = self._command("remove_job", cmd, cmd.session_id, [cmd.job_id], remember=remember)
-        if reply.ok and not (reply.repeated and not reply.gone and self._has_job(cmd)):
+        if reply.ok and not (reply.repeated and not reply.gone and self._has_job(cmd, cmd.job_id)):
             # (A repeat finds the job back in the session: added again since; its record
             # is the new add's.)
-            self._detach_job(cmd.project_id, cmd.session_id, cmd.job_id)
+            self._detach_jobs(cmd.project_id, cmd.session_id, [cmd.job_id])
         return reply
 
     def create(self, cmd: CreateCommand, *, remember: bool = True) -> Reply:
@@ -257,7 +266,7 @@ class Store:
         )
         if reply.ok and not reply.gone:
             self._index(cmd.project_id, session_id, reply)
-            self._attach_jobs(cmd, session_id, doc, reply)
+            self._attach_jobs(cmd, session_id, doc, reply, remember)
         elif reply.error is not None and reply.error.code == "conflict":
             # The session exists. If its creator's steps after the script never ran (a
             # create without a request id answered 503, say), the create repeated by that
@@ -281,9 +290,11 @@ class Store:
         )
         if reply.ok and not reply.gone:
             self._index(cmd.project_id, cmd.session_id, reply)
-            for job_id in reply.detached or ():
-                self._detach_job(cmd.project_id, cmd.session_id, job_id)
-            self._attach_jobs(cmd, cmd.session_id, doc, reply)
+            detached = list(reply.detached or ())
+            if reply.repeated:  # a job added back since is the new add's (see remove_job)
+                detached = [job for job in detached if not self._has_job(cmd, job)]
+            self._detach_jobs(cmd.project_id, cmd.session_id, detached)
+            self._attach_jobs(cmd, cmd.session_id, doc, reply, remember)
         return reply
 
     def update(self, cmd: UpdateCommand, *, remember: bool = True) -> Reply:
@@ -292,15 +303,17 @@ class Store:
         )
         if reply.ok and not reply.gone:
             self._schedule_deadline(cmd.project_id, cmd.session_id, reply)
-            self._attach_jobs(cmd, cmd.session_id, cmd.patch, reply)
+            self._attach_jobs(cmd, cmd.session_id, cmd.patch, reply, remember)
         return reply
 
     def delete(self, cmd: DeleteCommand, *, remember: bool = True) -> Reply:
         reply = self._command("delete", cmd, cmd.session_id, remember=remember)
         # A repeated delete redoes the steps below unless the session was created again since.
         if reply.ok and (reply.gone or not reply.repeated):
-            for job_id in reply.detached or ():
-                self._detach_job(cmd.project_id, cmd.session_id, job_id)
+            self._detach_jobs(cmd.project_id, cmd.session_id, list(reply.detached or ()))
+        if (reply.ok and (reply.gone or not reply.repeated)) or _error(reply) == "not_found":
+            # (A delete of an absent session also clears what a delete whose steps after
+            # its script never ran left behind: the session is not there to list.)
             self.client.zrem(self.keys.deadlines(), f"{cmd.project_id}:{cmd.session_id}")
             self.client.zrem(self.keys.project_index(cmd.project_id), cmd.session_id)
         return reply
@@ -321,19 +334,30 @@ class Store:
         if reply.ok and not reply.gone and reply.deadline is not None:
             self.client.zadd(self.keys.deadlines(), {f"{project_id}:{session_id}": reply.deadline})
 
-    def _attach_jobs(self, cmd: Command, session_id: str, doc: SessionFields, reply: Reply) -> None:
+    def _attach_jobs(
+        self, cmd: Command, session_id: str, doc: SessionFields, reply: Reply, remember: bool
+    ) -> None:
         if doc.jobs:
             # The session's schedule as stored, read once for all the jobs.
             meta = self.keys.session(cmd.project_id, session_id).meta
             schedule = _text(self.client.hget(meta, "schedule") or b"{}")
-            self._attach(cmd, session_id, list(doc.jobs), reply.session_tag or 0, schedule)
+            tag = reply.session_tag or 0
+            self._attach(cmd, session_id, list(doc.jobs), tag, schedule, remember)
 
     def _attach(
-        self, cmd: Command, session_id: str, job_ids: list[str], tag: int, schedule: str
+        self,
+        cmd: Command,
+        session_id: str,
+        job_ids: list[str],
+        tag: int,
+        schedule: str,
+        remember: bool,
     ) -> None:
         """Point the jobs' records here (`schedule`: the session's, JSON); take each job out
         of the session it was in before. Pipelined: a document with 10,000 jobs costs a few
-        round trips, not 10,000."""
+        round trips, not 10,000. A command that leaves no request record (`remember` false)
+        leaves no lasting marker either: only long enough to cover a retry of this call."""
+        marker_ttl = self.settings.request_ttl if remember else UNREMEMBERED_MARKER_TTL
         previous = self._run_many(
             "attach_job",
             [
@@ -342,7 +366,7 @@ class Store:
                         self.keys.job_record(cmd.project_id, job_id),
                         self.keys.job_move(cmd.project_id, job_id, cmd.request_id),
                     ],
-                    [session_id, tag, schedule, self.settings.request_ttl],
+                    [session_id, tag, schedule, marker_ttl],
                 )
                 for job_id in job_ids
             ],
@@ -358,22 +382,24 @@ class Store:
                     session_id=old_session,
                     job_id=job_id,
                 )
-                fp = fingerprint("remove_job", move.model_dump(mode="json"))
+                request_id = move.request_id if remember else ""
+                fp = fingerprint("remove_job", move.model_dump(mode="json")) if remember else ""
                 moves.append(
-                    self._script_args(
-                        cmd.project_id, old_session, move.request_id, fp, False, [job_id]
-                    )
+                    self._script_args(cmd.project_id, old_session, request_id, fp, False, [job_id])
                 )
         for raw in self._run_many("remove_job", moves):
             self._returned(raw)
 
-    def _has_job(self, cmd: RemoveJobCommand) -> bool:
+    def _has_job(self, cmd: SessionCommand, job_id: str) -> bool:
+        """Does the command's session hold the job now?"""
         jobs = self.keys.session(cmd.project_id, cmd.session_id).jobs
-        return bool(self.client.hexists(jobs, cmd.job_id))
+        return bool(self.client.hexists(jobs, job_id))
 
-    def _detach_job(self, project_id: str, session_id: str, job_id: str) -> None:
-        self.scripts["detach_job"](
-            keys=[self.keys.job_record(project_id, job_id)], args=[session_id]
+    def _detach_jobs(self, project_id: str, session_id: str, job_ids: list[str]) -> None:
+        """Detach the jobs' records from `session_id` (those that still point at it)."""
+        self._run_many(
+            "detach_job",
+            [([self.keys.job_record(project_id, job_id)], [session_id]) for job_id in job_ids],
         )
 
     # Reads --------------------------------------------------------------------------------
@@ -442,8 +468,17 @@ class Store:
         if not raw:
             return None
         fields = {_text(k): _text(v) for k, v in raw.items()}
+        session_id = fields["session_id"]
+        if session_id and not self.client.hexists(
+            self.keys.session(project_id, session_id).jobs, job_id
+        ):
+            # The record is derived from the sessions, which hold the truth: one pointing at
+            # a session that no longer holds the job (its detach was lost to a crash, a 503
+            # or a race with a delete) is detached now, and read as such.
+            self._detach_jobs(project_id, session_id, [job_id])
+            return JobRecord(session_id="", session_tag=0, job_schedule={"event": "stop"})
         return JobRecord(
-            session_id=fields["session_id"],
+            session_id=session_id,
             session_tag=int(fields["session_tag"]),
             job_schedule=_object(orjson.loads(fields["job_schedule"])),
         )

@@ -534,7 +534,7 @@ def _raw_send(client: SessionClient, task: str, kwargs: dict[str, Any], **option
 def _answered(worker_log: Worker, client: SessionClient, store: Store) -> None:
     """The worker still consumes: a good command after the bad one is answered."""
     reply = client.start("s", "j0", 0)
-    assert reply.ok, (reply, worker_log.log())
+    assert reply.ok, (reply.error, worker_log.log()[-3000:])
 
 
 BAD_COMMANDS: dict[str, tuple[str, dict[str, Any], str, str]] = {
@@ -696,14 +696,19 @@ def test_a_pickled_message_is_refused_and_never_unpickled(
     assert after["session_tag"] == 1 and before["session_tag"] == 0  # only the good start ran
 
 
-def _envelope(body: bytes, queue: str, content_type: str = "application/json") -> bytes:
+def _envelope(
+    body: bytes,
+    queue: str,
+    content_type: str = "application/json",
+    task: str = "session_worker.start",
+) -> bytes:
     """A message as kombu's Redis transport stores it on the queue list."""
     return orjson.dumps(
         {
             "body": base64.b64encode(body).decode(),
             "content-encoding": "utf-8",
             "content-type": content_type,
-            "headers": {"task": "session_worker.start", "id": uuid.uuid4().hex, "lang": "py"},
+            "headers": {"task": task, "id": uuid.uuid4().hex, "lang": "py"},
             "properties": {
                 "body_encoding": "base64",
                 "delivery_tag": uuid.uuid4().hex,
@@ -755,6 +760,46 @@ def test_malformed_messages_pushed_onto_the_queue_are_refused_and_the_worker_goe
         time.sleep(0.05)
     assert store.client.hlen("unacked") == 0
     assert store.client.zcard("unacked_index") == 0
+
+
+@pytest.mark.faults  # scenario 6 of the fault-injection suite
+def test_celery_built_ins_and_commands_carrying_callbacks_are_refused(
+    worker: StartWorker, client: SessionClient, store: Store
+) -> None:
+    """Someone who can write to the broker could ask a worker to run Celery's own tasks, or
+    hang callbacks on a command that the worker would send on as new tasks: both refused."""
+    w = worker(concurrency=1)
+    make_session(store, "s", jobs=1)
+    make_session(store, "victim", jobs=0)
+    queue = client.settings.queue
+    unlock = orjson.dumps([[], {"group_id": "g", "result": []}, {}])
+    store.client.lpush(queue, _envelope(unlock, queue, task="celery.chord_unlock"))
+    delete = {
+        "task": "session_worker.delete",
+        "args": [],
+        "kwargs": {"request_id": "cb", "project_id": PROJECT, "session_id": "victim"},
+        "options": {},
+        "subtask_type": None,
+        "immutable": True,
+    }
+    start = {
+        "request_id": "carrier",
+        "project_id": PROJECT,
+        "session_id": "s",
+        "job_id": "j0",
+        "current_tag": 0,
+    }
+    for canvas in ({"callbacks": [delete]}, {"chain": [delete]}, {"errbacks": [delete]}):
+        body = orjson.dumps([[], start, {**canvas, "chord": None}])
+        store.client.lpush(queue, _envelope(body, queue))
+
+    _answered(w, client, store)  # queued behind them all: the worker went past each one
+    log = w.log()
+    assert log.count("refused a message this service does not run") == 4, log
+    assert "celery.chord_unlock" in log and "carrying callbacks" in log, log
+    assert store.get(PROJECT, "victim") is not None
+    assert not store.client.exists(store.keys.request(PROJECT, "s", "carrier"))
+    assert w.proc.poll() is None
 
 
 def test_a_command_without_a_usable_reply_key_is_dropped_and_logged(

@@ -1012,3 +1012,57 @@ def test_history_keeps_the_last_runs_across_a_gap_in_the_tags(store: Store, cloc
     runs = store.runs(PROJECT, "g")
     assert runs is not None
     assert [r["session_tag"] for r in runs] == [501, 502, 503]
+
+
+def test_a_replace_repeated_after_a_job_came_back_leaves_its_record_alone(store: Store) -> None:
+    store.create(create_cmd("t", "x")).raise_for_error()
+    doc = SessionFields(jobs={"y": JobEntry()})
+    replace = ReplaceCommand(request_id=new_id(), project_id=PROJECT, session_id="t", document=doc)
+    assert store.replace(replace).raise_for_error().detached == ["x"]
+    store.add_job(add_cmd("t", "x")).raise_for_error()
+    again = store.replace(replace)  # redelivered late
+    assert again.repeated is True and again.detached == ["x"]
+    record = store.job_record(PROJECT, "x")
+    assert record is not None and record.session_id == "t"
+
+
+def test_a_job_record_left_pointing_at_a_session_without_the_job_reads_as_detached(
+    store: Store, backend: redis.Redis
+) -> None:
+    """The sessions hold the truth: a record whose detach was lost (a 503 after the script,
+    a crash, a race with a delete) is repaired when read."""
+    store.create(create_cmd("u", "x", "z")).raise_for_error()
+    record_key = store.keys.job_record(PROJECT, "x")
+    # The delete's script, without the steps after it.
+    store._run("delete", PROJECT, "u", "", "", False)
+    assert backend.hget(record_key, "session_id") == b"u"
+    assert store.job_record(PROJECT, "x") == JobRecord(
+        session_id="", session_tag=0, job_schedule={"event": "stop"}
+    )
+    assert backend.hget(record_key, "session_id") == b""  # repaired in Redis too
+    # A delete repeated without its request id (404) clears the index entry left behind.
+    assert [d["session_id"] for d in store.list_sessions(PROJECT)] == []
+    assert backend.zscore(store.keys.project_index(PROJECT), "u") is not None
+    assert error_of(store.delete(delete_cmd("u"))) == "not_found"
+    assert backend.zscore(store.keys.project_index(PROJECT), "u") is None
+
+
+def test_commands_without_a_request_record_leave_only_short_lived_move_markers(
+    store: Store, backend: redis.Redis
+) -> None:
+    store.create(create_cmd("v")).raise_for_error()
+    store.create(create_cmd("w")).raise_for_error()
+    remembered = add_cmd("v", "x")
+    store.add_job(remembered).raise_for_error()
+    marker = store.keys.job_move(PROJECT, "x", remembered.request_id)
+    assert store.settings.request_ttl - 5 <= backend.ttl(marker) <= store.settings.request_ttl
+    quick = add_cmd("w", "x")
+    store.add_job(quick, remember=False).raise_for_error()  # moves x from v to w
+    marker = store.keys.job_move(PROJECT, "x", quick.request_id)
+    assert 0 < backend.ttl(marker) <= store_module.UNREMEMBERED_MARKER_TTL
+    # The move out of v left no request record either.
+    v_doc, w_doc = store.get(PROJECT, "v"), store.get(PROJECT, "w")
+    assert v_doc is not None and w_doc is not None
+    assert (list(v_doc["jobs"]), list(w_doc["jobs"])) == ([], ["x"])
+    move_id = store_module._derived_request_id(quick.request_id, "move:x")
+    assert not backend.exists(store.keys.request(PROJECT, "v", move_id))

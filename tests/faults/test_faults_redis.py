@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable
 
+import httpx
 import pytest
 import redis
 from conftest import VISIBILITY_TIMEOUT
@@ -26,6 +27,7 @@ from faultkit import (
     Ledger,
     Load,
     figures,
+    job_id,
     make_sessions,
     unacked,
     update_via_http,
@@ -280,41 +282,63 @@ def test_workers_and_shim_started_while_redis_is_down_begin_once_it_is_up(
     )
 
 
-STALL_TIMEOUT = 1.0  # the shim's Redis socket timeout in the stall test
-
-
-def test_a_stalled_redis_costs_one_request_its_timeout_and_the_others_a_fast_503(
+def test_a_stalled_redis_holds_the_shim_one_short_timeout_and_healthz_not_at_all(
     server: ServerProcess, fleet: Fleet, settings: Settings, store: Store
 ) -> None:
-    """SIGSTOP: Redis accepts connections but answers nothing. The shim's first request waits
-    for its socket timeout (no retry after a timeout); every request after it, /healthz
-    included, is answered at once until Redis answers a probe again."""
+    """SIGSTOP: Redis accepts connections but answers nothing. With the default settings,
+    concurrent starts (the event loop's calls) wait one http_redis_timeout at most, reads
+    (in threads) their socket timeout at most, /healthz not at all; once the breaker has
+    opened every request is a 503 at once, until Redis answers a probe again."""
     make_sessions(store, 1, "stall")
-    shim = fleet.shim(settings=settings.model_copy(update={"redis_socket_timeout": STALL_TIMEOUT}))
+    shim = fleet.shim()
     path = f"/v2/{PROJECT}/sessions/stall0"
+    action = {"start": {"job_id": job_id("stall0", 0), "current_tag": 0}}
     assert shim.http.get(path).status_code == 200
     assert server.pid is not None
+    timings: dict[str, list[float]] = {"start": [], "get": [], "healthz": []}
+
+    def timed(kind: str, call: Callable[[], httpx.Response], status: int) -> None:
+        began = time.monotonic()
+        response = call()
+        timings[kind].append(time.monotonic() - began)
+        assert response.status_code == status, (kind, response.status_code, response.text)
+
+    clients = [httpx.Client(base_url=shim.url, timeout=30.0) for _ in range(7)]
     os.kill(server.pid, signal.SIGSTOP)
     try:
-        started = time.monotonic()
-        first = shim.http.get(path)
-        first_s = time.monotonic() - started
-        assert first.status_code == 503, first.text
-        assert first_s < STALL_TIMEOUT + 1.0
+        threads = [
+            threading.Thread(
+                target=timed, args=("start", lambda c=c: c.post(f"{path}/action", json=action), 503)
+            )
+            for c in clients[:6]
+        ]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.1)
+        timed("healthz", lambda: clients[6].get("/healthz"), 200)
+        for thread in threads:
+            thread.join(30)
+        first_s = max(timings["start"])
+        assert first_s < settings.http_redis_timeout + 1.0, timings
         slowest = 0.0
         for _ in range(20):
-            started = time.monotonic()
+            began = time.monotonic()
             response = shim.http.get(path)
             assert response.status_code == 503 and response.headers["retry-after"]
+            assert shim.http.post(f"{path}/action", json=action).status_code == 503
             assert shim.http.get("/healthz").status_code == 200
-            slowest = max(slowest, time.monotonic() - started)
+            slowest = max(slowest, time.monotonic() - began)
         assert slowest < 0.5
     finally:
         os.kill(server.pid, signal.SIGCONT)
+        for c in clients:
+            c.close()
+    assert max(timings["healthz"]) < 0.5, timings
     recovery = _probe(lambda: shim.http.get(path).status_code == 200, "shim 200 after the stall")
     figures(
         "3 redis stalled (SIGSTOP)",
-        first_request_s=first_s,
-        slowest_next_503_and_healthz_s=slowest,
+        concurrent_starts_s=first_s,
+        healthz_during_s=max(timings["healthz"]),
+        slowest_later_503s_and_healthz_s=slowest,
         recovery_http_s=recovery,
     )
