@@ -10,9 +10,10 @@ use, applied directly (one script call for start and end). Bodies are parsed her
 orjson and validated with the wire models, so every error a client can cause is a 4xx with
 a JSON ``{"title", "description"}`` body; Redis out of reach is a 503 with ``Retry-After``.
 
-Handlers call the (synchronous) store right on the event loop: a start or end is one script
-call, cheaper inline than through a thread hop, and each process keeps one Redis connection.
-Only the list, which reads every session of a project, runs in the thread pool. Requests are
+Start, end, add_job and remove_job call the (synchronous) store right on the event loop:
+each is one O(1) script call, cheaper inline than through a thread hop, on one Redis
+connection per process with a short timeout (http_redis_timeout). Reads, document writes
+and the list, whose cost grows with the jobs, run in the thread pool on pooled clients. Requests are
 routed by plain Starlette routes (no dependency injection); the OpenAPI document (/docs,
 /openapi.json) is built from the same route table.
 """
