@@ -52,6 +52,7 @@ from starlette.routing import BaseRoute, Match, Route
 from . import __version__, logs, metrics
 from .connection import RedisClient, is_transient, make_redis
 from .errors import BadRequest, NotFound, SessionWorkerError, Unavailable
+from .hot_path import HotPath
 from .models import (
     ID_PATTERN,
     AddJobCommand,
@@ -343,6 +344,8 @@ class Shim:
         self._store = store
         self._documents = store
         self._owned: list[RedisClient] = []
+        self._hot: HotPath | None = None
+        self._hot_checked = False
         self.breaker = Breaker(settings)
 
     @property
@@ -358,6 +361,17 @@ class Shim:
             self._make_stores()
             assert self._store is not None
         return self._store
+
+    @property
+    def hot_path(self) -> HotPath | None:
+        """Start and end on the event loop over an auto-pipelined connection to the hot-path
+        store's server (hot_path.py), or None where that does not apply (a Redis Cluster,
+        fakeredis): then the hot-path store serves them. Checks the breaker like `store`."""
+        store = self.store
+        if not self._hot_checked:
+            self._hot = HotPath.like(store, store.client, self.settings)
+            self._hot_checked = True
+        return self._hot
 
     @property
     def documents(self) -> Store:
@@ -405,8 +419,16 @@ class Shim:
         if single is not loop_client:
             self._owned.append(loop_client)
 
+    async def release_loop(self) -> None:
+        """Close the hot path's connection, which belongs to the running event loop, before
+        that loop ends; a later request on another loop opens a new one."""
+        if self._hot is not None:
+            await self._hot.aclose()
+
     def close(self) -> None:
         self.breaker.close()
+        if self._hot is not None:
+            self._hot.close()
         for client in self._owned:
             client.close()
             if isinstance(client, Redis):
@@ -601,14 +623,22 @@ class Shim:
             "session_id": session_id,
         }
         request.scope[_NOTE] = (name, None, None)  # a refused body is still a start / end
+        remember = _remembered(request)
+        hot = self.hot_path
+        cmd: StartCommand | EndCommand
         if name == "start":
-            start = _validate(StartCommand, data, f"{name}.")
-            reply = _noted(
-                request, name, start, self.store.start(start, remember=_remembered(request))
-            )
+            cmd = _validate(StartCommand, data, f"{name}.")
+            if hot is not None:
+                reply = await hot.start(cmd, remember=remember)
+            else:
+                reply = self.store.start(cmd, remember=remember)
         else:
-            end = _validate(EndCommand, data, f"{name}.")
-            reply = _noted(request, name, end, self.store.end(end, remember=_remembered(request)))
+            cmd = _validate(EndCommand, data, f"{name}.")
+            if hot is not None:
+                reply = await hot.end(cmd, remember=remember)
+            else:
+                reply = self.store.end(cmd, remember=remember)
+        _noted(request, name, cmd, reply)
         return _json(202, {"result": reply.result, "session_tag": reply.session_tag})
 
     # Jobs -----------------------------------------------------------------------------
@@ -1113,6 +1143,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        await shim.release_loop()
         shim.close()
         app.state.operations.close()
 
@@ -1126,6 +1157,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         ),
         redirect_slashes=False,
         lifespan=lifespan,
+        # No OpenTelemetry here (metrics are Prometheus, metrics.py): FastAPI's native
+        # telemetry would otherwise look for providers on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.shim = shim
     # Requests are served by plain routes whose handlers take only the request (no

@@ -140,7 +140,7 @@ class MeteredStore(Store):
         super().__init__(*args, **kwargs)
         self._sweep = sweep
 
-    def _returned(self, raw: Any) -> Any:
+    def returned(self, raw: Any) -> Any:
         note = run_completed_in(raw)
         if note is not None:
             closed = str(note.get("closed", ""))

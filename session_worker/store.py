@@ -143,9 +143,11 @@ class Store:
         args: Iterable[Any] = (),
     ) -> Any:
         keys, argv = self._script_args(project_id, session_id, request_id, fp, push_reply, args)
-        once = not request_id and script not in READ_SCRIPTS
+        return self._call(script, keys, argv, once=not request_id and script not in READ_SCRIPTS)
+
+    def _call(self, script: str, keys: list[str], argv: list[Any], *, once: bool) -> Any:
         client = self.once_client if once and self.once_client is not None else self.client
-        return self._returned(self.scripts[script](keys=keys, args=argv, client=client))
+        return self.returned(self.scripts[script](keys=keys, args=argv, client=client))
 
     def _script_args(
         self,
@@ -172,7 +174,7 @@ class Store:
         ]
         return list(keys), argv
 
-    def _returned(self, raw: Any) -> Any:
+    def returned(self, raw: Any) -> Any:
         """Every session script's return value passes here (MeteredStore counts from it)."""
         return raw
 
@@ -206,13 +208,29 @@ class Store:
     ) -> Reply:
         """Run one command script. `remember=False` (an HTTP call without Idempotency-Key,
         which nobody can repeat) skips the request record: no de-duplication, no memory."""
+        prepared = self.command_args(kind, cmd, session_id, args, remember=remember)
+        if isinstance(prepared, Reply):
+            return prepared
+        keys, argv = prepared
+        return Reply.model_validate_json(self._call(kind, keys, argv, once=not remember))
+
+    def command_args(
+        self,
+        kind: str,
+        cmd: Command,
+        session_id: str,
+        args: Iterable[Any] = (),
+        *,
+        remember: bool = True,
+    ) -> tuple[list[str], list[Any]] | Reply:
+        """KEYS and ARGV of command script `kind`, or the error reply of a command refused
+        before any call (a reply_to that is not its own reply list)."""
         reply_key = self.keys.reply(cmd.project_id, session_id, cmd.request_id)
         if cmd.reply_to is not None and cmd.reply_to != reply_key:
             return Reply.failure(
                 cmd.request_id, session_id, "bad_request", f"reply_to must be {reply_key}"
             )
-        raw = self._run(
-            kind,
+        return self._script_args(
             cmd.project_id,
             session_id,
             cmd.request_id if remember else "",
@@ -220,22 +238,26 @@ class Store:
             cmd.reply_to is not None,
             args,
         )
-        return Reply.model_validate_json(raw)
 
     # Commands -----------------------------------------------------------------------------
 
+    @staticmethod
+    def start_args(cmd: StartCommand) -> list[Any]:
+        """The arguments of start.lua after the common ones."""
+        return [cmd.job_id, cmd.current_tag]
+
+    @staticmethod
+    def end_args(cmd: EndCommand) -> list[Any]:
+        """The arguments of end.lua after the common ones."""
+        return [cmd.job_id, "" if cmd.current_tag is None else cmd.current_tag, cmd.result]
+
     def start(self, cmd: StartCommand, *, remember: bool = True) -> Reply:
-        reply = self._command(
-            "start", cmd, cmd.session_id, [cmd.job_id, cmd.current_tag], remember=remember
-        )
+        reply = self._command("start", cmd, cmd.session_id, self.start_args(cmd), remember=remember)
         self._schedule_deadline(cmd.project_id, cmd.session_id, reply)
         return reply
 
     def end(self, cmd: EndCommand, *, remember: bool = True) -> Reply:
-        tag = "" if cmd.current_tag is None else cmd.current_tag
-        return self._command(
-            "end", cmd, cmd.session_id, [cmd.job_id, tag, cmd.result], remember=remember
-        )
+        return self._command("end", cmd, cmd.session_id, self.end_args(cmd), remember=remember)
 
     def add_job(self, cmd: AddJobCommand, *, remember: bool = True) -> Reply:
         reply = self._command(
@@ -330,9 +352,19 @@ class Store:
         self.client.zadd(self.keys.project_index(project_id), {session_id: created_at}, nx=True)
         self._schedule_deadline(project_id, session_id, reply)
 
-    def _schedule_deadline(self, project_id: str, session_id: str, reply: Reply) -> None:
+    def deadline_entry(
+        self, project_id: str, session_id: str, reply: Reply
+    ) -> tuple[str, str, int] | None:
+        """(key, member, score) of the sweep's schedule entry that `reply` asks for, if any."""
         if reply.ok and not reply.gone and reply.deadline is not None:
-            self.client.zadd(self.keys.deadlines(), {f"{project_id}:{session_id}": reply.deadline})
+            return self.keys.deadlines(), f"{project_id}:{session_id}", reply.deadline
+        return None
+
+    def _schedule_deadline(self, project_id: str, session_id: str, reply: Reply) -> None:
+        entry = self.deadline_entry(project_id, session_id, reply)
+        if entry is not None:
+            key, member, score = entry
+            self.client.zadd(key, {member: score})
 
     def _attach_jobs(
         self, cmd: Command, session_id: str, doc: SessionFields, reply: Reply, remember: bool
@@ -388,7 +420,7 @@ class Store:
                     self._script_args(cmd.project_id, old_session, request_id, fp, False, [job_id])
                 )
         for raw in self._run_many("remove_job", moves):
-            self._returned(raw)
+            self.returned(raw)
 
     def _has_job(self, cmd: SessionCommand, job_id: str) -> bool:
         """Does the command's session hold the job now?"""

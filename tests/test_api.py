@@ -6,7 +6,6 @@ refusal to serve without auth on a public address.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 import time
@@ -19,6 +18,7 @@ import httpx
 import orjson
 import pytest
 import redis
+from asgi_client import Api
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -52,37 +52,6 @@ class Clock:
 
     def __call__(self) -> int:
         return self.now
-
-
-class Api:
-    """A synchronous face over httpx.AsyncClient talking to the ASGI app in process."""
-
-    def __init__(self, app: Any, *, raise_app_exceptions: bool = True) -> None:
-        self.loop = asyncio.new_event_loop()
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
-        self.client = httpx.AsyncClient(transport=transport, base_url="http://shim")
-
-    def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        return self.loop.run_until_complete(self.client.request(method, url, **kwargs))
-
-    def get(self, url: str, **kwargs: Any) -> httpx.Response:
-        return self.request("GET", url, **kwargs)
-
-    def post(self, url: str, **kwargs: Any) -> httpx.Response:
-        return self.request("POST", url, **kwargs)
-
-    def put(self, url: str, **kwargs: Any) -> httpx.Response:
-        return self.request("PUT", url, **kwargs)
-
-    def patch(self, url: str, **kwargs: Any) -> httpx.Response:
-        return self.request("PATCH", url, **kwargs)
-
-    def delete(self, url: str, **kwargs: Any) -> httpx.Response:
-        return self.request("DELETE", url, **kwargs)
-
-    def close(self) -> None:
-        self.loop.run_until_complete(self.client.aclose())
-        self.loop.close()
 
 
 def new_id() -> str:

@@ -7,16 +7,15 @@ changes; and a refused request (4xx) leaves the session it names unchanged.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
-import httpx
 import orjson
 import pytest
 import redis
+from asgi_client import Api
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -33,23 +32,6 @@ TARGET_JOBS = ("a", "b")
 VICTIM_JOBS = ("victim-job-1", "victim-job-2")  # adding one elsewhere would move it: never named
 TOKEN = "tok"
 MAX_BODY = 2048
-
-
-class Api:
-    """A synchronous face over httpx.AsyncClient talking to the ASGI app in process."""
-
-    def __init__(self, app: Any) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://shim"
-        )
-
-    def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        return self.loop.run_until_complete(self.client.request(method, url, **kwargs))
-
-    def close(self) -> None:
-        self.loop.run_until_complete(self.client.aclose())
-        self.loop.close()
 
 
 def _create(store: Store, project: str, session_id: str, jobs: tuple[str, ...]) -> None:

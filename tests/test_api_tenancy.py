@@ -8,7 +8,6 @@ tokens are 401. The token never appears in a log record.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from asgi_client import Api
 
 from session_worker.api import create_app
 from session_worker.models import CreateCommand, JobEntry, SessionFields, StartCommand
@@ -33,23 +33,6 @@ TOKENS = {
 AS_A = {"X-Auth-Token": "tok-a"}
 AS_B = {"X-Auth-Token": "tok-b"}
 SESSION = "shared-name"
-
-
-class Api:
-    """A synchronous face over httpx.AsyncClient talking to the ASGI app in process."""
-
-    def __init__(self, app: Any) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://shim"
-        )
-
-    def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        return self.loop.run_until_complete(self.client.request(method, url, **kwargs))
-
-    def close(self) -> None:
-        self.loop.run_until_complete(self.client.aclose())
-        self.loop.close()
 
 
 @pytest.fixture

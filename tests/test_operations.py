@@ -8,7 +8,6 @@ JSON log lines and that neither the password nor the token was ever printed.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import logging
@@ -24,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from asgi_client import call
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -58,15 +58,6 @@ class Clock:
 
     def __call__(self) -> int:
         return self.now
-
-
-def call(app: Any, method: str, url: str, **kwargs: Any) -> httpx.Response:
-    async def go() -> httpx.Response:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://shim") as client:
-            return await client.request(method, url, **kwargs)
-
-    return asyncio.run(go())
 
 
 @pytest.fixture
