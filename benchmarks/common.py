@@ -150,6 +150,9 @@ class FamilyResult:
     tables: list[Table] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Rows whose requests were not all answered as expected: the run fails (a figure
+    # measured on errors is no figure).
+    faults: list[str] = field(default_factory=list)
 
 
 # The run context ---------------------------------------------------------------------------

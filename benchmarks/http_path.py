@@ -448,6 +448,12 @@ def _result(
         *notes,
     ]
     result = FamilyResult("http", tables=[table], targets=targets)
+    result.faults += [
+        f"{r.system} {r.action} c={r.connections}: {r.result.not_ok} non-2xx, "
+        f"{r.result.errors} errors, {r.result.other_result} not success"
+        for r in rows
+        if r.result.not_ok or r.result.errors or r.result.other_result
+    ]
     if profile_lines:
         result.notes += [
             "Profile of the shim processes during a start row at 16 connections (py-spy, 200 Hz):",

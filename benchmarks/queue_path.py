@@ -365,6 +365,11 @@ def _result(ctx: Context, rows: list[Row], profile: list[str]) -> FamilyResult:
         f"{WARMUP_SECONDS:g} s warm-up.",
     ]
     result = FamilyResult("queue", tables=[table], targets=targets)
+    result.faults += [
+        f"{r.system} {r.workers}w x {r.clients}c: {r.unexpected} unexpected replies"
+        for r in rows
+        if r.unexpected
+    ]
     if profile:
         result.notes += [
             "Profile of the worker processes (parent and pool process) during a 16-client "

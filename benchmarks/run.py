@@ -168,7 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             began = time.monotonic()
             try:
-                results.append(_family_runner(name)(ctx))
+                result = _family_runner(name)(ctx)
+                results.append(result)
+                failures.extend(f"{name}: {fault}" for fault in result.faults)
             except Exception as exc:
                 traceback.print_exc()
                 failures.append(f"{name}: {type(exc).__name__}: {exc}")

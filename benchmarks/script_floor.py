@@ -390,7 +390,10 @@ def run(ctx: Context) -> FamilyResult:
         slowest >= PIPELINED_TARGET,
     )
     client.close()
-    return FamilyResult("script", tables=[table], targets=[target])
+    result = FamilyResult("script", tables=[table], targets=[target])
+    if rounds.unexpected:
+        result.faults.append(f"{rounds.unexpected} replies other than success")
+    return result
 
 
 def _server_split(client: Redis, rounds: _Rounds) -> dict[str, float | None]:
