@@ -358,8 +358,9 @@ def _result(ctx: Context, rows: list[Row], profile: list[str]) -> FamilyResult:
         f"Each client: rounds of {SESSION_JOBS} starts then {SESSION_JOBS} ends on a fresh "
         "session (1 new run, 7 joins, 8 ends; the last completes the run), one command at a "
         "time, waiting for each reply (BLPOP on its reply list).",
-        "Workers: `session-worker worker` (Celery prefork, 1 pool process each, "
-        "--without-mingle --without-gossip --without-heartbeat, log level INFO); the "
+        "Workers: `session-worker worker` (Celery's solo pool: one command at a time in the "
+        "worker process, --without-mingle --without-gossip --without-heartbeat, log level "
+        "INFO); the "
         "baseline runs the same command line on `benchmarks.noop_app`.",
         f"Clients are threads of the benchmark process; rows of {ctx.duration:g} s after a "
         f"{WARMUP_SECONDS:g} s warm-up.",

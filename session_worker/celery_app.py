@@ -6,9 +6,11 @@ Delivery guarantees and their costs, in one place:
   the message is dropped), because unpickling runs code chosen by whoever can write to the
   broker.
 - At least once, applied exactly once. ``task_acks_late`` acknowledges a message only after
-  its command ran, and ``task_reject_on_worker_lost`` puts it back when the pool process
-  running it dies. A redelivered command is answered from its request record (SPEC §5), so
-  running it twice is safe.
+  its command ran; a worker that dies before that never acknowledges it, so it is
+  redelivered (after ``visibility_timeout``, below; with ``--pool prefork``,
+  ``task_reject_on_worker_lost`` puts it back at once when only a pool process dies). A
+  redelivered command is answered from its request record (SPEC §5), so running it twice
+  is safe.
 - ``visibility_timeout`` (``SESSION_WORKER_VISIBILITY_TIMEOUT``, seconds): a message taken by
   a worker that died without acknowledging it (machine lost, SIGKILL of the whole worker) is
   handed to another worker after this long. Every live worker sweeps for such messages every

@@ -378,7 +378,14 @@ def _run_node_command(args: argparse.Namespace) -> int:
 
 
 def worker_argv(settings: Settings, extra: Sequence[str] = ()) -> list[str]:
-    """The Celery worker command line (options in `extra` override the defaults)."""
+    """The Celery worker command line (options in `extra` override the defaults).
+
+    One command at a time in the worker's own process (the solo pool): a command is a few
+    milliseconds of CPU, and handing each one to a prefork pool process and its result back
+    cost more than the command itself (the solo pool served about 1.6x the commands per
+    second of a one-process prefork pool here, benchmarks/RESULTS.md). A warm stop waits for
+    the command at hand only. Scale with more workers; ``--pool prefork -c N`` still works.
+    """
     return [
         sys.executable,
         "-m",
@@ -386,10 +393,8 @@ def worker_argv(settings: Settings, extra: Sequence[str] = ()) -> list[str]:
         "-A",
         "session_worker.celery_app",
         "worker",
-        "-c",
-        "1",
         "--pool",
-        "prefork",
+        "solo",
         "--without-mingle",
         "--without-gossip",
         "--without-heartbeat",
@@ -614,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port",
         type=_port,
         default=None,
-        help="serve /metrics of the worker and its pool on this port "
+        help="serve /metrics of the worker on this port "
         f"(default: {METRICS_PORT_ENV}, else none)",
     )
 

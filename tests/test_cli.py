@@ -479,8 +479,8 @@ def test_up_stops_cleanly_on_sigterm_and_a_restart_keeps_the_sessions(tmp_path: 
         )
         assert created.returncode == 0, created.stderr
         family = children_of(up.proc.pid)
-        # 2 workers (+ a pool process each), the sweep, the shim: all children of up.
-        assert len(family) >= 6
+        # The server, 2 workers, the sweep, the shim (and its processes): children of up.
+        assert len(family) >= 5
     finally:
         code = up.stop()
     assert code == 0
