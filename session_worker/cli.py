@@ -619,8 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port",
         type=_port,
         default=None,
-        help="serve /metrics of the worker on this port "
-        f"(default: {METRICS_PORT_ENV}, else none)",
+        help=f"serve /metrics of the worker on this port (default: {METRICS_PORT_ENV}, else none)",
     )
 
     web = commands.add_parser("web", help="the HTTP shim (freezer-api compatible)")
