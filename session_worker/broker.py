@@ -12,8 +12,10 @@ loop there too. Bodies that are not JSON, disallowed content types (pickle) and 
 ``session_worker.*`` task names are Celery's to refuse, and it does (the last with an error
 reply). A well-formed message this service does not run is refused here as well: a task
 outside ``session_worker.*`` (Celery's own built-ins, such as ``celery.chord_unlock``, would
-otherwise run), or a command that carries callbacks, errbacks, a chain or a chord (Celery
-would send those on as new tasks after it).
+otherwise run), a command that carries callbacks, errbacks, a chain or a chord (Celery
+would send those on as new tasks after it), one with delivery headers Celery would choke on
+in the worker's main loop (a time limit: commands take none; an eta that is no time or far
+ahead), and one nested too deep to decode.
 
 Used through ``broker_transport`` (celery_app.py); the broker URL stays ``redis://`` or
 ``rediss://``.
@@ -22,6 +24,7 @@ Used through ``broker_transport`` (celery_app.py); the broker URL stays ``redis:
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import logging
 from typing import Any
@@ -34,8 +37,13 @@ TASK_PREFIX = "session_worker."
 
 logger = logging.getLogger(__name__)
 
-# What decoding or delivering a malformed envelope raises.
-MALFORMED_ENVELOPE_ERRORS = (ValueError, TypeError, KeyError, AttributeError)
+# What decoding or delivering a malformed envelope raises (RecursionError: JSON nested
+# deeper than the decoder goes).
+MALFORMED_ENVELOPE_ERRORS = (ValueError, TypeError, KeyError, AttributeError, RecursionError)
+# The furthest in the future a command may be scheduled (its ``eta``): a worker's own retry
+# waits at most tasks.RETRY_BACKOFF_MAX (30 s). A later one would sit unacknowledged in a
+# worker, and come back after every visibility timeout.
+MAX_ETA_SECONDS = 300
 
 
 class RefusedMessage(TypeError):
@@ -101,15 +109,21 @@ def _refusal(message: dict[str, Any]) -> str:
     as Celery's own celery.chord_unlock), or a command carrying callbacks, errbacks, a chain
     or a chord (the workers would send those on as new tasks). Only someone writing to the
     broker directly can send either; the commands SessionClient sends never are."""
-    task = message.get("headers", {}).get("task")
+    headers = message.get("headers", {})
+    task = headers.get("task")
     if not isinstance(task, str) or not task.startswith(TASK_PREFIX):
         return f"a task outside {TASK_PREFIX}*: {_shorten(task)}"
+    header_refusal = _header_refusal(task, headers)
+    if header_refusal:
+        return header_refusal
     body = message.get("body")
     if not isinstance(body, str) or message.get("content-type") != "application/json":
         return ""  # Celery refuses what it cannot decode, and logs it
     try:
         raw = base64.b64decode(body, validate=True) if _is_base64(message) else body
         decoded = json.loads(raw)
+    except RecursionError:
+        return f"{task} with a body nested too deep to decode"
     except (ValueError, TypeError):
         return ""
     embed = decoded[2] if isinstance(decoded, list) and len(decoded) == 3 else None
@@ -117,6 +131,29 @@ def _refusal(message: dict[str, Any]) -> str:
         canvas = [k for k in ("callbacks", "errbacks", "chain", "chord") if embed.get(k)]
         if canvas:
             return f"{task} carrying {', '.join(canvas)}"
+    return ""
+
+
+def _header_refusal(task: str, headers: dict[str, Any]) -> str:
+    """Why the delivery headers are not a command's ("" when they are). Celery reads some of
+    them in the worker's main loop, where a value of the wrong type ends the worker (a time
+    limit that is not a number) or holds its one prefetch slot (a command scheduled far
+    ahead). SessionClient sends none of them; a worker's retry sets a short eta."""
+    timelimit = headers.get("timelimit")
+    if timelimit is not None and (
+        not isinstance(timelimit, list | tuple) or any(limit is not None for limit in timelimit)
+    ):
+        return f"{task} with a time limit ({_shorten(timelimit)}): commands take none"
+    eta = headers.get("eta")
+    if eta is not None:
+        try:
+            when = dt.datetime.fromisoformat(eta)
+        except (TypeError, ValueError):
+            return f"{task} with an eta that is no ISO 8601 time: {_shorten(eta)}"
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.UTC)
+        if (when - dt.datetime.now(dt.UTC)).total_seconds() > MAX_ETA_SECONDS:
+            return f"{task} scheduled more than {MAX_ETA_SECONDS} s ahead (eta {eta})"
     return ""
 
 

@@ -9,17 +9,21 @@ it; the TTL, so a caller that gave up leaves nothing behind for long.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from functools import cache
 from typing import NamedTuple, cast
 
+from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .connection import RedisClient
 from .errors import ReplyTimeout
 from .models import ID_PATTERN, Reply
+
+logger = logging.getLogger(__name__)
 
 # A BLPOP timeout under 1 ms would be rounded to 0, which means "block forever".
 _MIN_BLOCK = 0.01
@@ -75,6 +79,7 @@ def wait_reply(
     """
     deadline = time.monotonic() + timeout
     remaining = timeout
+    request_id = reply_key.rpartition(":reply:")[2]
     while True:
         try:
             raw = _pop(client, reply_key, remaining, max_block)
@@ -84,10 +89,30 @@ def wait_reply(
             time.sleep(min(_RECONNECT_PAUSE, max(0.0, deadline - time.monotonic())))
             raw = None
         if raw is not None:
-            return Reply.model_validate_json(raw)
+            reply = _reply_to(request_id, raw)
+            if reply is not None:
+                return reply
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise ReplyTimeout(_timeout_message(reply_key, timeout))
+
+
+def _reply_to(request_id: str, raw: bytes) -> Reply | None:
+    """`raw` as the reply to `request_id`; None (logged, skipped) when it is not one: only
+    someone writing to Redis directly can put anything else on a reply list."""
+    try:
+        reply = Reply.model_validate_json(raw)
+    except ValidationError:
+        logger.warning("skipped an entry of reply list %s that is no reply", request_id)
+        return None
+    if reply.request_id != request_id:
+        logger.warning(
+            "skipped a reply to request %s found on the reply list of %s",
+            reply.request_id,
+            request_id,
+        )
+        return None
+    return reply
 
 
 def _pop(

@@ -29,7 +29,7 @@ from .errors import BadRequest, SessionWorkerError, Unavailable
 from .logs import log_command
 from .metrics import MeteredStore, observe_command, outcome_of
 from .models import COMMAND_MODELS, Command, CreateCommand, Reply, SessionCommand
-from .replies import parse_reply_key, push_reply
+from .replies import ReplyKey, parse_reply_key, push_reply
 from .settings import Settings, get_settings
 from .store import Store, derived_session_id
 
@@ -143,13 +143,14 @@ def _refuse(store: Store, fields: dict[str, Any], code: str, description: str) -
 def refuse(
     store: Store, reply_to: object, fields: dict[str, Any], code: str, description: str
 ) -> Reply | None:
-    """Push an error reply to `reply_to` when it is a reply key; else log and drop it."""
+    """Push an error reply to `reply_to` when it is the command's own reply key; else log and
+    drop it."""
     if len(description) > MAX_DESCRIPTION:
         description = description[: MAX_DESCRIPTION - 3] + "..."
     key = parse_reply_key(store.settings.key_prefix, reply_to)
-    if key is None:
+    if key is None or not _is_own_reply_key(fields, key):
         logger.warning(
-            "dropped a command without a valid reply_to (%s: %s); request=%s",
+            "dropped a command without its own reply_to (%s: %s); request=%s",
             code,
             description,
             _text(fields.get("request_id")),
@@ -166,6 +167,28 @@ def refuse(
     assert isinstance(reply_to, str)
     push_reply(store.client, reply_to, reply, store.settings.reply_ttl)
     return reply
+
+
+def _is_own_reply_key(fields: dict[str, Any], key: ReplyKey) -> bool:
+    """Whether `key` can be the reply list of the command `fields`: every id the command
+    carries as a string (project, request, session; for a create without a session id, the
+    one derived from its request id) is the key's. A refusal goes nowhere else, so a
+    command cannot direct an answer into another session's or project's keys; ids missing
+    or garbled are taken from the key, so such a command still gets its error reply."""
+
+    def given(name: str, value: Any) -> str:
+        return value if isinstance(value, str) else str(getattr(key, name))
+
+    project_id = given("project_id", fields.get("project_id"))
+    request_id = given("request_id", fields.get("request_id"))
+    session_id = fields.get("session_id")
+    document = fields.get("document")
+    if session_id is None and isinstance(document, dict):
+        session_id = document.get("session_id")
+        if session_id is None:
+            session_id = derived_session_id(project_id, request_id)
+    own = (project_id, request_id, given("session_id", session_id))
+    return own == (key.project_id, key.request_id, key.session_id)
 
 
 def describe(exc: ValidationError) -> str:

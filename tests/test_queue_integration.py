@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime as dt
 import os
 import pickle
 import re
@@ -701,6 +702,7 @@ def _envelope(
     queue: str,
     content_type: str = "application/json",
     task: str = "session_worker.start",
+    **headers: Any,
 ) -> bytes:
     """A message as kombu's Redis transport stores it on the queue list."""
     return orjson.dumps(
@@ -708,7 +710,7 @@ def _envelope(
             "body": base64.b64encode(body).decode(),
             "content-encoding": "utf-8",
             "content-type": content_type,
-            "headers": {"task": task, "id": uuid.uuid4().hex, "lang": "py"},
+            "headers": {"task": task, "id": uuid.uuid4().hex, "lang": "py", **headers},
             "properties": {
                 "body_encoding": "base64",
                 "delivery_tag": uuid.uuid4().hex,
@@ -802,6 +804,82 @@ def test_celery_built_ins_and_commands_carrying_callbacks_are_refused(
     assert w.proc.poll() is None
 
 
+def _start_body(request_id: str) -> bytes:
+    start = {
+        "request_id": request_id,
+        "project_id": PROJECT,
+        "session_id": "s",
+        "job_id": "j0",
+        "current_tag": 0,
+        "reply_to": KeyBuilder().reply(PROJECT, "s", request_id),
+    }
+    return orjson.dumps([[], start, {"callbacks": None, "errbacks": None, "chain": None}])
+
+
+_DEEP = 100_000
+
+
+def _far_future() -> str:
+    return (dt.datetime.now(dt.UTC) + dt.timedelta(days=30)).isoformat()
+
+
+HOSTILE_MESSAGES: dict[str, Callable[[str], bytes]] = {
+    # Celery reads time limits in the worker's main loop: a string there ended the worker
+    # (and the message, put back, ended the next one); a number stalled it for good.
+    "time limits that are strings": lambda queue: _envelope(
+        _start_body("tl-str"), queue, timelimit=["x", "y"]
+    ),
+    "a time limit that is a number": lambda queue: _envelope(
+        _start_body("tl-num"), queue, timelimit=5
+    ),
+    "negative time limits": lambda queue: _envelope(
+        _start_body("tl-neg"), queue, timelimit=[-1, -1]
+    ),
+    "an eta a month ahead": lambda queue: _envelope(
+        _start_body("eta-far"), queue, eta=_far_future()
+    ),
+    "an eta that is no time": lambda queue: _envelope(_start_body("eta-bad"), queue, eta=7),
+    "a body nested too deep": lambda queue: _envelope(
+        b'[[], {"document": ' + b"[" * _DEEP + b"]" * _DEEP + b"}, {}]", queue
+    ),
+    "an envelope nested too deep": lambda queue: (
+        b'{"body": "", "headers": ' + b"[" * _DEEP + b"]" * _DEEP + b"}"
+    ),
+}
+
+
+@pytest.mark.faults  # scenario 6 of the fault-injection suite
+def test_hostile_headers_and_nesting_are_refused_and_the_worker_goes_on(
+    worker: StartWorker, client: SessionClient, store: Store
+) -> None:
+    """What Celery would read in the worker's main loop and die on (or stall on) is refused
+    by the transport first: nothing applied, nothing answered, the worker consumes on."""
+    w = worker(concurrency=1)
+    make_session(store, "s", jobs=1)
+    before = store.get(PROJECT, "s")
+    queue = client.settings.queue
+    for make in HOSTILE_MESSAGES.values():
+        store.client.lpush(queue, make(queue))
+
+    _answered(w, client, store)  # queued behind them all: the worker got past each one
+    after = store.get(PROJECT, "s")
+    assert before is not None and after is not None
+    assert (before["session_tag"], after["session_tag"]) == (0, 1)  # only the good start ran
+    assert w.proc.poll() is None, w.log()
+    log = w.log()
+    assert "Unrecoverable error" not in log, log
+    refused = log.count("refused a message this service does not run") + log.count(
+        "refused a malformed message on the queue"
+    )
+    assert refused == len(HOSTILE_MESSAGES), log
+    assert store.client.keys("*reply*") == []
+    assert store.client.llen(queue) == 0
+    deadline = time.monotonic() + 5
+    while store.client.hlen("unacked") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert store.client.hlen("unacked") == 0
+
+
 def test_a_command_without_a_usable_reply_key_is_dropped_and_logged(
     worker: StartWorker, client: SessionClient, store: Store
 ) -> None:
@@ -812,26 +890,33 @@ def test_a_command_without_a_usable_reply_key_is_dropped_and_logged(
         fields = {"request_id": "r1", "project_id": PROJECT, "session_id": "s", "job_id": 5}
         _raw_send(client, "session_worker.start", fields | {"reply_to": reply_to})
 
-    w.wait_for_log(r"dropped a command without a valid reply_to", count=3)
+    w.wait_for_log(r"dropped a command without its own reply_to", count=3)
     assert store.get(PROJECT, "s") == before
     assert store.client.keys("*reply*") == []
     _answered(w, client, store)
 
 
-def test_a_reply_to_that_is_not_the_commands_reply_key_is_refused(
-    worker: StartWorker, client: SessionClient, store: Store
+@pytest.mark.parametrize(
+    "elsewhere",
+    [
+        KeyBuilder().reply(PROJECT, "s", "another-request"),
+        KeyBuilder().reply("victim-project", "vs", "r2"),
+    ],
+)
+def test_a_reply_to_that_is_not_the_commands_reply_key_gets_nothing(
+    worker: StartWorker, client: SessionClient, store: Store, elsewhere: str
 ) -> None:
+    """A command cannot direct its answer into another request's, session's or project's
+    reply list: it is neither applied nor answered there."""
     w = worker()
     make_session(store, "s", jobs=1)
     before = store.get(PROJECT, "s")
-    elsewhere = KeyBuilder().reply(PROJECT, "s", "another-request")
     fields = {"request_id": "r2", "project_id": PROJECT, "session_id": "s", "job_id": "j0"}
     _raw_send(client, "session_worker.start", fields | {"current_tag": 0, "reply_to": elsewhere})
 
-    reply = client.wait(elsewhere)
-
-    assert reply.error is not None and "reply_to must be" in reply.error.description
+    w.wait_for_log(r"dropped a command without its own reply_to")
     assert store.get(PROJECT, "s") == before
+    assert store.client.keys("*reply*") == []
     _answered(w, client, store)
 
 

@@ -14,6 +14,7 @@ from session_worker.models import (
     SessionFields,
     StartCommand,
 )
+from session_worker.replies import wait_reply
 from session_worker.settings import Settings
 from session_worker.store import Store
 
@@ -69,3 +70,15 @@ def test_a_repeated_command_leaves_one_reply_to_read(backend: redis.Redis) -> No
     assert again.repeated is True and again.as_stored() == first
     assert backend.llen(reply_key) == 1
     assert 0 < backend.ttl(reply_key) <= Settings().reply_ttl
+
+
+def test_a_waiting_caller_skips_what_is_not_its_reply(backend: redis.Redis) -> None:
+    """Only someone writing to Redis directly can put anything else on a reply list; the
+    caller skips it and takes its own reply."""
+    rid = uuid.uuid4().hex
+    reply_key = KeyBuilder().reply(PROJECT, "s", rid)
+    forged = Reply.failure("someone-else", "s", "bad_request", "not yours")
+    own = Reply.failure(rid, "s", "not_found", "session s does not exist")
+    backend.rpush(reply_key, b"{not json", forged.model_dump_json(), own.model_dump_json())
+    assert wait_reply(backend, reply_key, timeout=1.0) == own
+    assert backend.llen(reply_key) == 0

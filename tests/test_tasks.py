@@ -274,23 +274,38 @@ def test_a_command_without_a_usable_reply_key_is_logged_and_dropped(
     with caplog.at_level(logging.INFO, logger="session_worker.tasks"):
         assert run("start", fields) is None
 
-    assert "dropped a command without a valid reply_to" in caplog.text
+    assert "dropped a command without its own reply_to" in caplog.text
     assert reply_keys(store) == []
     assert store.get(PROJECT, "s") == before
 
 
-def test_reply_to_must_be_the_commands_own_reply_key(store: Store) -> None:
+@pytest.mark.parametrize(
+    "elsewhere",
+    [
+        KEYS.reply(PROJECT, "s", "someone-else"),  # another request of the session
+        KEYS.reply(PROJECT, "other", "r-own"),  # another session
+        KEYS.reply("victim", "s", "r-own"),  # another project
+    ],
+)
+def test_a_reply_to_that_is_not_the_commands_own_gets_nothing(
+    store: Store, elsewhere: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Neither the command nor its refusal is written anywhere but the command's own reply
+    list: a forged reply_to cannot put an answer in front of another caller."""
     new_session()
     before = store.get(PROJECT, "s")
-    elsewhere = KEYS.reply(PROJECT, "s", "someone-else")
-    fields = command("start", job_id="j0", current_tag=0) | {"reply_to": elsewhere}
+    valid = command("start", job_id="j0", current_tag=0, request_id="r-own")
+    invalid = command("start", job_id="j0", current_tag="zero", request_id="r-own")
+    unknown = command("start", job_id="j0", current_tag=0, request_id="r-own")
 
-    tasks.start(**fields)
+    with caplog.at_level(logging.WARNING, logger="session_worker.tasks"):
+        tasks.start(**(valid | {"reply_to": elsewhere}))
+        tasks.start(**(invalid | {"reply_to": elsewhere}))
+        # (how a message for an unknown session_worker.* task is answered)
+        tasks.refuse(store, elsewhere, unknown, "bad_request", "unknown task")
 
-    raw = cast("bytes | None", store.client.lpop(elsewhere))
-    assert raw is not None
-    reply = Reply.model_validate_json(raw)
-    assert reply.error is not None and "reply_to must be" in reply.error.description
+    assert reply_keys(store) == []
+    assert caplog.text.count("dropped a command without its own reply_to") == 3
     assert store.get(PROJECT, "s") == before
 
 
