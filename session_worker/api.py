@@ -768,7 +768,8 @@ class Operations:
                     "redis_connect_timeout": READY_TIMEOUT,
                 }
             )
-            self._redis = make_redis(quick)
+            # One try: a stalled Redis must cost this probe READY_TIMEOUT, not retries.
+            self._redis = make_redis(quick, retry="never")
         try:
             self._redis.ping()
         except (redis_errors.RedisError, OSError) as exc:
@@ -1135,6 +1136,29 @@ def _install_error_handlers(app: FastAPI) -> None:
 # Building and serving ------------------------------------------------------------------
 
 
+class EncodedSlashes:
+    """404 for a path with an encoded slash (``%2F``) in it.
+
+    The server decodes the path before routing, so ``/sessions/s1%2Fjobs%2Fj1`` would be
+    routed as ``/sessions/s1/jobs/j1``. No id can hold a slash (SPEC §2), so such a path
+    names nothing: it is answered as any path id outside the pattern is (SPEC §6).
+    """
+
+    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        raw = scope.get("raw_path")
+        if scope["type"] == "http" and raw and b"%2f" in raw.lower():
+            response = _error(
+                404, NotFound.title, f"no such resource: {raw.decode('latin-1')[:200]}"
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+
 def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
     """The shim as an ASGI app; `store` defaults to one over a connection made from settings."""
     settings = settings or (store.settings if store is not None else get_settings())
@@ -1199,6 +1223,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         app.router.routes.append(Route(path, handler, methods=["GET"], name=path[1:]))
     _install_error_handlers(app)
     _install_openapi(app, documented)
+    app.add_middleware(EncodedSlashes)
     return app
 
 

@@ -543,6 +543,12 @@ BAD_INPUT: list[tuple[str, str, str, dict[str, Any], int]] = [
     ("bad-job-id-in-path", "PUT", f"{V2}/{S}/jobs/j%2A9", {"headers": JSON}, 404),
     ("bad-job-id-in-path-delete", "DELETE", f"{V2}/{S}/jobs/a.b", {}, 404),
     ("bad-project-in-path", "GET", f"/v2/p%21/sessions/{S}", {}, 404),
+    # An encoded slash is no separator: these name no session (and must not reach one).
+    ("encoded-slash-remove-job", "DELETE", f"{V2}/{S}%2Fjobs%2Fa", {}, 404),
+    ("encoded-slash-add-job", "PUT", f"{V2}/{S}%2Fjobs%2Fzz", {"headers": JSON}, 404),
+    ("encoded-slash-action", "POST", f"{V2}/{S}%2faction",
+     {"json": {"start": {"job_id": "a", "current_tag": 0}}}, 404),
+    ("encoded-slash-runs", "GET", f"{V2}/{S}%2Fruns", {}, 404),
     ("impossible-schedule-date", "PATCH", f"{V2}/{S}",
      {"json": {"schedule": {"schedule_date": "2024-13-45T99:99"}}}, 400),
     ("version-without-underscore", "PATCH", f"{V2}/{S}", {"json": {"version": 1}}, 400),

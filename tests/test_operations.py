@@ -344,6 +344,21 @@ def test_readyz_with_redis_down_is_503_naming_redis_and_is_cached(settings: Sett
     assert probes == 1  # answered from the cache
 
 
+def test_readyz_with_redis_stalled_answers_within_its_timeout(
+    settings: Settings, silent_port: int
+) -> None:
+    """A Redis that takes connections and never answers costs one probe READY_TIMEOUT (1 s),
+    not the retries of a command client."""
+    stalled = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{silent_port}/0"})
+    app = create_app(stalled)
+    started = time.monotonic()
+    r = call(app, "GET", "/readyz")
+    took = time.monotonic() - started
+    assert r.status_code == 503
+    assert "Redis does not answer PING (TimeoutError)" in r.json()["description"]
+    assert took < 2.5
+
+
 # Logs ---------------------------------------------------------------------------------
 
 

@@ -5,9 +5,6 @@ SELECT, and which redis-py clients it can stand in for."""
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,31 +151,6 @@ def test_resend_only_when_asked(server: ServerProcess) -> None:
     # Either the cut was noticed first (nothing sent, an error) or the call went out on a
     # new connection; never twice.
     assert int(redis.Redis.from_url(server.url).get("once") or 0) == (0 if sent_once else 1)
-
-
-@pytest.fixture
-def silent_port() -> Iterator[int]:
-    """A port that accepts connections and never answers (a stalled Redis)."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    accepted: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        listener.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                accepted.append(listener.accept()[0])
-            except TimeoutError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield listener.getsockname()[1]
-    stop.set()
-    thread.join()
-    for conn in accepted:
-        conn.close()
-    listener.close()
 
 
 def test_no_answer_in_time_is_a_timeout_and_the_connection_is_dropped(silent_port: int) -> None:
