@@ -1158,7 +1158,6 @@ class EncodedSlashes:
         await self.app(scope, receive, send)
 
 
-
 def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
     """The shim as an ASGI app; `store` defaults to one over a connection made from settings."""
     settings = settings or (store.settings if store is not None else get_settings())
