@@ -37,6 +37,7 @@ from types import FrameType
 from typing import Any, NoReturn
 
 import orjson
+from kombu.exceptions import OperationalError as KombuOperationalError
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
@@ -365,7 +366,8 @@ def _run_node_command(args: argparse.Namespace) -> int:
         # The reader of our output went away (`... | head`): not a Redis problem.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
-    except (RedisError, OSError) as exc:
+    except (RedisError, OSError, KombuOperationalError) as exc:
+        # (KombuOperationalError: the command could not be put on the queue.)
         hint = "start the stack with `session-worker up` or set " + URL_ENV
         return _fail(
             f"cannot reach Redis at {mask_url(url)} (from {source}): {exc}; {hint}", EXIT_NO_REPLY

@@ -87,7 +87,8 @@ def is_transient(exc: BaseException) -> bool:
 
 
 # How a client retries a call whose connection failed (make_redis's `retry`):
-#   "backoff"   three retries, 0.1 s to 1 s apart: workers, the sweep, node clients;
+#   "backoff"   three retries after a connection error, 0.1 s to 1 s apart, none after a
+#               timeout: workers (a Celery retry follows), the sweep, node clients;
 #   "immediate" one retry at once after a connection error, never sleeping and never after
 #               a timeout: the shim, whose event loop must not wait (a stale connection
 #               after a Redis restart is replaced; an outage or a stall is a fast 503);
@@ -99,7 +100,11 @@ RetryPolicy: TypeAlias = Literal["backoff", "immediate", "never"]
 
 def _retry(policy: RetryPolicy) -> Retry:
     if policy == "backoff":
-        return Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3)
+        return Retry(
+            ExponentialBackoff(cap=1.0, base=0.05),
+            retries=3,
+            supported_errors=(RedisConnectionError,),
+        )
     if policy == "immediate":
         return Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,))
     return Retry(NoBackoff(), retries=0)
@@ -126,11 +131,9 @@ def make_redis(
     if wait_timeout is not None:
         socket_timeout = wait_timeout + settings.redis_socket_timeout
         retry = "never"
-    retry_on_error: list[type[Exception]] = []
-    if retry != "never":
-        retry_on_error.append(RedisConnectionError)
-    if retry == "backoff":
-        retry_on_error.append(RedisTimeoutError)
+    # Connection errors only: after a timeout Redis is stalled or overloaded, and each retry
+    # would wait the whole socket timeout again (a stalled Redis held a read 84 s).
+    retry_on_error: list[type[Exception]] = [] if retry == "never" else [RedisConnectionError]
     url = redis_url(settings)
     common: dict[str, Any] = {
         "socket_timeout": socket_timeout,

@@ -413,6 +413,26 @@ def test_unreachable_redis_exits_1_naming_the_url(
     assert "hunter2" not in err
 
 
+@pytest.mark.parametrize("command", [("show", "s"), ("start", "s", "j", "--tag", "0")])
+def test_a_stalled_redis_fails_once_its_timeout_has_passed(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    silent_port: int,
+    command: tuple[str, ...],
+) -> None:
+    """A Redis that takes the connection and never answers costs one socket timeout, not
+    one per retry; a command that cannot be queued says so in one line, no traceback."""
+    monkeypatch.setenv("SESSION_WORKER_REDIS_URL", f"redis://127.0.0.1:{silent_port}/0")
+    monkeypatch.setenv("SESSION_WORKER_REDIS_SOCKET_TIMEOUT", "0.5")
+    started = time.monotonic()
+    code, out, err = run(capsys, *command)
+    assert time.monotonic() - started < 5
+    assert code == cli.EXIT_NO_REPLY
+    assert out == ""
+    assert err.startswith("session-worker: cannot reach Redis at redis://127.0.0.1:")
+    assert "Traceback" not in err
+
+
 def test_redis_url_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SESSION_WORKER_REDIS_URL", raising=False)
     monkeypatch.setenv("SESSION_WORKER_DATA_DIR", str(tmp_path))
