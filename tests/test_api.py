@@ -19,6 +19,7 @@ import orjson
 import pytest
 import redis
 from asgi_client import Api
+from clock import Clock
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -39,19 +40,8 @@ from session_worker.store import Store
 pytestmark = pytest.mark.http
 
 PROJECT = "proj"
-T0 = 1_700_000_000
 MAX_BODY = 4096
 JSON = {"content-type": "application/json"}
-
-
-class Clock:
-    """The time the scripts see (Store's test-only replacement for Redis TIME)."""
-
-    def __init__(self, now: int = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> int:
-        return self.now
 
 
 def new_id() -> str:

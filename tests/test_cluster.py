@@ -22,6 +22,7 @@ from typing import Any, cast
 
 import pytest
 import redis
+from clock import Clock
 from redis.cluster import RedisCluster
 from redis.commands.core import Script
 from redis.crc import key_slot
@@ -53,16 +54,7 @@ from session_worker.settings import Settings
 from session_worker.store import Store
 
 PROJECT = "proj"
-T0 = 1_700_000_000
 PER_MASTER = 2
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> int:
-        return self.now
 
 
 def rid() -> str:

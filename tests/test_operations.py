@@ -24,6 +24,7 @@ import httpx
 import pytest
 import redis
 from asgi_client import call
+from clock import Clock
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -40,7 +41,6 @@ from session_worker.stack import mask_url
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = "ops"
-T0 = 1_700_000_000
 
 
 def sample(name: str, **labels: str) -> float:
@@ -50,14 +50,6 @@ def sample(name: str, **labels: str) -> float:
 
 def new_id() -> str:
     return uuid.uuid4().hex
-
-
-class Clock:
-    def __init__(self, now: int = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> int:
-        return self.now
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import redis
+from clock import Clock
 
 from session_worker.keys import SessionKeys
 from session_worker.models import (
@@ -142,14 +143,6 @@ def test_lua_never_builds_a_key_name(name: str) -> None:
 # SCRIPT FLUSH -----------------------------------------------------------------------------------
 
 PROJECT = "proj"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000
-
-    def __call__(self) -> int:
-        return self.now
 
 
 def play(store: Store, session_id: str, between: Callable[[], object]) -> list[Any]:

@@ -14,6 +14,7 @@ from typing import Any, cast
 import orjson
 import pytest
 import redis
+from clock import T0, Clock
 from redis.client import Monitor, PubSub
 from redis.cluster import RedisCluster
 
@@ -42,18 +43,7 @@ from session_worker.store import Store, derived_session_id
 
 PROJECT = "proj"
 CLUSTER_BACKENDS = ("redis", "valkey", "fakeredis", "cluster")
-T0 = 1_700_000_000
 HOLD_OFF = 30
-
-
-class Clock:
-    """The time the scripts see: Store's test-only replacement for Redis TIME."""
-
-    def __init__(self, now: int = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> int:
-        return self.now
 
 
 def new_id() -> str:
