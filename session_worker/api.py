@@ -21,6 +21,7 @@ routed by plain Starlette routes (no dependency injection); the OpenAPI document
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import ipaddress
 import logging
@@ -1165,6 +1166,11 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # What is alive once the app is built (routes, models, schemas) lives as long as the
+        # process: out of the collector's way, so a full collection between two requests
+        # does not walk it all again (a pause of milliseconds, seen in the p99).
+        gc.collect()
+        gc.freeze()
         yield
         await shim.release_loop()
         shim.close()
