@@ -30,12 +30,18 @@ import logging
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 # The names of this service's tasks (celery_app.TASK_PREFIX; not imported, to keep the
 # transport free of the app).
 TASK_PREFIX = "session_worker."
 
 logger = logging.getLogger(__name__)
+
+# A call to the broker that failed with its connection.
+CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 # What decoding or delivering a malformed envelope raises (RecursionError: JSON nested
 # deeper than the decoder goes).
@@ -50,7 +56,48 @@ class RefusedMessage(TypeError):
     """A well-formed message this service does not run (see Transport._deliver)."""
 
 
+class QoS(kombu_redis.QoS):
+    """kombu's acknowledgement emulation, which keeps consuming after a failed ack.
+
+    kombu forgets a delivered message only after removing it from the ``unacked`` set in
+    Redis. When that call fails (its connection was cut), the message stays counted as
+    delivered, the prefetch window (one message) stays full, and the worker never asks for
+    another one: it is up, answers pings, and consumes nothing, for good. Here the message is
+    forgotten locally either way. Left in the ``unacked`` set, it comes back after the
+    visibility timeout, and its request record answers it without applying it again.
+    """
+
+    def ack(self, delivery_tag: Any) -> None:
+        try:
+            self._remove_from_indices(delivery_tag).execute()  # type: ignore[no-untyped-call]
+        except CONNECTION_ERRORS as exc:
+            _unacknowledged(delivery_tag, exc)
+        virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        try:
+            if requeue:
+                self.restore_by_tag(delivery_tag, leftmost=True)  # type: ignore[no-untyped-call]
+            else:
+                self._remove_from_indices(delivery_tag).execute()  # type: ignore[no-untyped-call]
+        except CONNECTION_ERRORS as exc:
+            _unacknowledged(delivery_tag, exc)
+        virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
+
+
+def _unacknowledged(delivery_tag: Any, exc: BaseException) -> None:
+    logger.warning(
+        "could not acknowledge message %s (%s: %s); it is redelivered after the visibility "
+        "timeout and answered from its request record",
+        delivery_tag,
+        type(exc).__name__,
+        exc,
+    )
+
+
 class Channel(kombu_redis.Channel):
+    QoS = QoS
+
     def _brpop_read(self, **options: Any) -> bool:
         try:
             return bool(super()._brpop_read(**options))  # type: ignore[no-untyped-call]

@@ -20,6 +20,7 @@ from faultkit import (
     PROJECT,
     Fleet,
     Ledger,
+    Load,
     TcpProxy,
     figures,
     make_sessions,
@@ -110,6 +111,47 @@ def test_client_kill_while_a_command_is_in_flight_applies_it_once(
     tally = ledger.tally(store)
     assert (tally.applied, tally.duplicated, tally.lost) == (tally.sent, 0, 0)
     figures("4 client kill, command in flight", **tally.line(), killed=killed)
+
+
+def test_workers_consume_on_after_connections_are_cut_under_load(
+    fleet: Fleet, client: SessionClient, store: Store, admin: redis.Redis
+) -> None:
+    """CLIENT KILL every 0.3 s while commands flow: an acknowledgement can fail with its
+    connection. The workers must consume on (the message comes back after the visibility
+    timeout and is answered from its request record), every command applied once."""
+    ledger = Ledger(make_sessions(store, 16, "cut"))
+    sessions = list(ledger.base)
+    fleet.worker(wait=False)
+    fleet.worker()
+    fleet.workers[0].wait_ready()
+
+    def send(sender: int, n: int) -> None:
+        session_id = sessions[(sender * 5 + n) % len(sessions)]
+        update_via_queue(client, ledger, session_id, timeout=2.0, attempts=1)
+
+    load = Load(6, send)
+    load.wait_for(20, timeout=30)
+    killed = 0
+    for _ in range(20):
+        killed += kill_clients(admin)
+        time.sleep(0.3)
+    load.stop()
+    # Commands sent now must all be answered: no worker may be left waiting on a dead
+    # acknowledgement.
+    before = set(ledger.outcomes)
+    for i in range(8):
+        update_via_queue(client, ledger, sessions[i], timeout=15.0)
+    probes = [o for i, o in ledger.outcomes.items() if i not in before]
+    assert all(o.version is not None for o in probes), probes
+    # What timed out during the cuts is sent again with its request id (a node's retry).
+    for request_id, outcome in ledger.unanswered():
+        update_via_queue(
+            client, ledger, outcome.session_id, timeout=15.0, attempts=3, request_id=request_id
+        )
+    assert not ledger.unanswered(), ledger.unanswered()[:3]
+    tally = ledger.tally(store)
+    assert (tally.applied, tally.duplicated, tally.lost) == (tally.sent, 0, 0), tally
+    figures("4 client kill under load", **tally.line(), killed=killed)
 
 
 # Cut after the script call was sent, before its answer --------------------------------------
