@@ -59,6 +59,10 @@ def broker_transport_options(settings: Settings) -> dict[str, object]:
         # scans only every tenth sweep, i.e. every 100 s).
         "unacked_restore_interval": restore_interval,
         "unacked_restore_throttle": 1,
+        # The lock a sweep holds while it restores such messages (a moment). kombu's 300 s
+        # default let a lock left behind by a Redis killed mid-sweep hold up every
+        # redelivery for five minutes.
+        "unacked_mutex_expire": max(10, int(restore_interval * 3)),
         # A publish or an ack on a connection that died silently fails instead of hanging.
         "socket_timeout": settings.redis_socket_timeout,
         "socket_connect_timeout": settings.redis_connect_timeout,

@@ -16,7 +16,7 @@ from redis import Redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -68,7 +68,8 @@ def broker_url(settings: Settings | None = None) -> str:
 
 
 # Error replies that mean "not now" rather than "this command is wrong": out of memory,
-# persistence failing (MISCONF), a busy script, loading, a replica, a cluster reconfiguring.
+# persistence failing (MISCONF), a busy script, loading, a replica, a cluster reconfiguring,
+# and (is_transient) a script flushed again as soon as it was loaded (NOSCRIPT: nothing ran).
 TRANSIENT_CODES = frozenset(
     {"OOM", "MISCONF", "BUSY", "LOADING", "READONLY", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN"}
     | {"NOREPLICAS"}
@@ -78,7 +79,7 @@ TRANSIENT_CODES = frozenset(
 def is_transient(exc: BaseException) -> bool:
     """Redis is unreachable, too slow, or refuses for now (TRANSIENT_CODES): worth a retry
     later (a worker) or a 503 (the shim), never an error reply about the command."""
-    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError | NoScriptError):
         return True
     if isinstance(exc, ResponseError):
         code = getattr(exc, "status_code", None) or str(exc).split(" ", 1)[0]

@@ -11,15 +11,17 @@ Failure semantics match the clients of connection.make_redis, so the shim's erro
 (503, the breaker) sees the same exceptions:
 
 - a connection that cannot be made in time: ``ConnectionError("Error connecting to ...")``;
-- no answer within ``timeout``: ``TimeoutError``; the connection is closed (answers still
-  owed on it are dropped with it, so none can be matched to a later call);
+- no answer within ``timeout`` of the write, and no answer to anything else either (Redis
+  stalled or gone): ``TimeoutError``; the connection is closed (answers still owed on it
+  are dropped with it, so none can be matched to a later call). While answers keep coming,
+  Redis is alive and a call waits its turn: a busy event loop or a backlog is no outage;
 - a connection lost with calls in flight: ``ConnectionError`` for each of them. A call with
   ``resend=True`` (its command carries a request id, so a second application is answered
   from its request record) is sent once more on a new connection; one without is never
   resent: it may have been applied, and the caller answers 503;
 - an error reply: the exception redis-py would raise for it (``NoScriptError`` is handled
-  here: the script is loaded and the call made again, which is safe because a script that
-  was not found did not run).
+  here: the script is loaded and the call made again, up to SCRIPT_LOADS times, which is
+  safe because a script that was not found did not run).
 
 It connects where a given redis-py client does (``PipelinedRedis.like``): one server over
 TCP, TLS or a Unix socket, with its password, user and database. A Redis Cluster (or
@@ -40,20 +42,25 @@ from redis import exceptions as redis_errors
 from redis._parsers.base import BaseParser
 from redis.connection import Connection, SSLConnection, UnixDomainSocketConnection
 
-_NOSCRIPT = "NOSCRIPT"
+# How many times a call loads its script again when the server keeps losing it (a SCRIPT
+# FLUSH between the load and the call) before the NOSCRIPT goes to the caller (a 503).
+SCRIPT_LOADS = 5
 
 
 class _Protocol(asyncio.Protocol):
     """One connection: packed commands out, futures resolved in order as answers come in."""
 
-    def __init__(self, where: str) -> None:
+    def __init__(self, where: str, timeout: float) -> None:
         self.where = where
+        self.timeout = timeout
         self.reader = hiredis.Reader()
         self.waiting: deque[asyncio.Future[Any]] = deque()
         self.transport: asyncio.Transport | None = None
         self.lost: redis_errors.ConnectionError | None = None
+        self.answers = 0  # answers received so far: proof that Redis is alive
         self._out: list[bytes] = []
-        self._loop = asyncio.get_running_loop()
+        self._sent: list[asyncio.Future[Any]] = []
+        self.loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # (uvloop's transports do not subclass asyncio.Transport, but have its methods)
@@ -63,22 +70,43 @@ class _Protocol(asyncio.Protocol):
         """Queue one packed command; it goes out with the others of this loop round."""
         if self.lost is not None:
             raise self.lost
-        future: asyncio.Future[Any] = self._loop.create_future()
+        future: asyncio.Future[Any] = self.loop.create_future()
         if not self._out:
-            self._loop.call_soon(self._flush)
+            self.loop.call_soon(self._flush)
         self._out.append(packed)
+        self._sent.append(future)
         self.waiting.append(future)
         return future
 
     def _flush(self) -> None:
         if self._out and self.transport is not None and self.lost is None:
             self.transport.write(b"".join(self._out))
-        self._out = []
+            # The clock of these calls starts now that they are on their way.
+            self.loop.call_later(self.timeout, self._watch, self._sent, self.answers)
+        self._out, self._sent = [], []
+
+    def _watch(self, sent: list[asyncio.Future[Any]], heard: int) -> None:
+        """`timeout` after calls were written: any still without an answer? If Redis
+        answered others meanwhile, it is alive and working through what is in flight (or
+        this event loop was busy): their answers are on the way, look again later. If it
+        said nothing at all, it is stalled or gone: those calls time out and the connection
+        is closed (the answers still owed on it could no longer be matched)."""
+        pending = [future for future in sent if not future.done()]
+        if not pending or self.lost is not None:
+            return
+        if self.answers > heard:
+            self.loop.call_later(self.timeout, self._watch, pending, self.answers)
+            return
+        error = f"Timeout reading from {self.where} ({self.timeout:g} s)"
+        for future in pending:
+            future.set_exception(redis_errors.TimeoutError(error))
+        self.close(f"no answer from {self.where} within {self.timeout:g} s")
 
     def data_received(self, data: bytes) -> None:
         try:
             self.reader.feed(data)
             while (answer := self.reader.gets()) is not False:
+                self.answers += 1
                 future = self.waiting.popleft()
                 if not future.done():
                     future.set_result(answer)
@@ -97,7 +125,7 @@ class _Protocol(asyncio.Protocol):
     def _fail(self, error: redis_errors.ConnectionError) -> None:
         if self.lost is None:
             self.lost = error
-        self._out = []
+        self._out, self._sent = [], []
         while self.waiting:
             future = self.waiting.popleft()
             if not future.done():
@@ -188,11 +216,13 @@ class PipelinedRedis:
     ) -> Any:
         """EVALSHA of script `name`, loading it first when the server does not have it."""
         command = ("EVALSHA", self._shas[name], len(keys), *keys, *args)
-        try:
-            return await self.execute(*command, resend=resend)
-        except redis_errors.NoScriptError:
-            await self._load(name)
-            return await self.execute(*command, resend=resend)
+        for _ in range(SCRIPT_LOADS):
+            try:
+                return await self.execute(*command, resend=resend)
+            except redis_errors.NoScriptError:
+                # Not run: load it and call again (a SCRIPT FLUSH may land in between).
+                await self._load(name)
+        return await self.execute(*command, resend=resend)
 
     async def _load(self, name: str) -> None:
         """SCRIPT LOAD `name`, once for all the calls that found it missing together."""
@@ -205,15 +235,7 @@ class PipelinedRedis:
 
     async def _call(self, packed: bytes) -> Any:
         conn = await self._connection()
-        future = conn.send(packed)
-        try:
-            async with asyncio.timeout(self.timeout):
-                answer = await future
-        except TimeoutError:
-            conn.close(f"no answer from {self.where} within {self.timeout:g} s")
-            raise redis_errors.TimeoutError(
-                f"Timeout reading from {self.where} ({self.timeout:g} s)"
-            ) from None
+        answer = await conn.send(packed)
         if isinstance(answer, hiredis.ReplyError):
             raise BaseParser.parse_error(str(answer))  # type: ignore[no-untyped-call]
         return answer
@@ -239,22 +261,28 @@ class PipelinedRedis:
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
+        conn: _Protocol | None = None
         try:
             async with asyncio.timeout(self.connect_timeout):
                 if self._path:
                     _, conn = await loop.create_unix_connection(
-                        lambda: _Protocol(self.where), self._path, ssl=self._tls
+                        lambda: _Protocol(self.where, self.timeout), self._path, ssl=self._tls
                     )
                 else:
                     _, conn = await loop.create_connection(
-                        lambda: _Protocol(self.where), self._host, self._port, ssl=self._tls
+                        lambda: _Protocol(self.where, self.timeout),
+                        self._host,
+                        self._port,
+                        ssl=self._tls,
                     )
                 for command in self._hello:
                     answer = await conn.send(hiredis.pack_command(command))
                     if isinstance(answer, hiredis.ReplyError):
                         conn.close(str(answer))
                         raise OSError(str(answer))
-        except (OSError, TimeoutError, redis_errors.ConnectionError) as exc:
+        except (OSError, TimeoutError, redis_errors.RedisError) as exc:
+            if conn is not None:  # connected, but AUTH or SELECT failed or took too long
+                conn.close("could not set up the connection")
             why = str(exc) or type(exc).__name__
             raise redis_errors.ConnectionError(f"Error connecting to {self.where}. {why}") from None
         self._conn = conn

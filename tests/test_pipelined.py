@@ -5,6 +5,7 @@ SELECT, and which redis-py clients it can stand in for."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import redis
 from redis import exceptions as redis_errors
 
 from session_worker.connection import is_transient
-from session_worker.pipelined import PipelinedRedis
+from session_worker.pipelined import SCRIPT_LOADS, PipelinedRedis
 from session_worker.redis_server import ServerProcess, free_port
 
 ECHO = "return {KEYS[1], ARGV[1]}"
@@ -232,3 +233,100 @@ def test_a_new_event_loop_gets_a_new_connection(server: ServerProcess) -> None:
     second, second_port = asyncio.run(ping())
     assert first == second == b"PONG"
     assert first_port != second_port
+
+
+def test_a_script_flushed_again_and_again_is_loaded_until_it_runs(server: ServerProcess) -> None:
+    """A SCRIPT FLUSH landing between the load and the call: the call loads it again (a
+    NOSCRIPT means nothing ran), up to SCRIPT_LOADS times; past that the NOSCRIPT goes to the
+    caller, which counts as Redis being unavailable for now (a 503, never a 500)."""
+    admin = redis.Redis.from_url(server.url)
+
+    def flushing_after_loads(client: PipelinedRedis, flushes: int) -> None:
+        load = client._load
+
+        async def load_then_flush(name: str) -> None:
+            nonlocal flushes
+            await load(name)
+            if flushes > 0:
+                flushes -= 1
+                admin.script_flush()
+
+        client._load = load_then_flush  # type: ignore[method-assign]
+
+    async def go(flushes: int) -> Any:
+        admin.script_flush()
+        client = pipelined(server)
+        flushing_after_loads(client, flushes)
+        try:
+            return await client.evalsha("echo", ["k"], ["v"])
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(go(SCRIPT_LOADS - 1)) == [b"k", b"v"]
+    with pytest.raises(redis_errors.NoScriptError) as refused:
+        asyncio.run(go(SCRIPT_LOADS))
+    assert is_transient(refused.value)
+
+
+def _connected_to(port: int) -> int:
+    """Established TCP connections of this machine to 127.0.0.1:`port` (/proc/net/tcp)."""
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    remote = f"0100007F:{port:04X}"
+    return sum(1 for line in lines if line.split()[2] == remote and line.split()[3] == "01")
+
+
+def test_a_connection_set_up_that_times_out_leaves_no_socket_behind(silent_port: int) -> None:
+    """AUTH (or SELECT) that gets no answer: the connection made for it is closed."""
+    client = PipelinedRedis(port=silent_port, password="pw", db=3, timeout=0.2, connect_timeout=0.2)
+
+    async def go() -> int:
+        for _ in range(5):
+            with pytest.raises(redis_errors.ConnectionError, match=" connecting to "):
+                await client.execute("PING")
+        await asyncio.sleep(0.05)  # let the loop finish closing them
+        return _connected_to(silent_port)
+
+    assert asyncio.run(go()) == 0
+
+
+def test_a_busy_event_loop_is_no_timeout(server: ServerProcess) -> None:
+    """The answer arrived while this process's event loop was held up past the timeout:
+    the call gets it; Redis was never the slow one."""
+    client = pipelined(server, timeout=0.2)
+
+    async def go() -> tuple[Any, bool]:
+        await client.execute("PING")
+        conn = client._conn
+        call = asyncio.ensure_future(client.execute("INCR", "busy"))
+        await asyncio.sleep(0)  # sent
+        time.sleep(0.5)  # the loop is held (a large request parsed on it, say)
+        answer = await call
+        same = client._conn is conn and conn is not None and conn.lost is None
+        await client.aclose()
+        return answer, same
+
+    assert asyncio.run(go()) == (1, True)
+
+
+def test_answers_still_coming_are_no_timeout(server: ServerProcess) -> None:
+    """Redis working through a long backlog answers as it goes: a call at the end of it
+    waits past the timeout, because the connection shows Redis alive; only silence times
+    out."""
+    client = pipelined(server, timeout=0.3)
+    spin = "for i = 1, tonumber(ARGV[1]) do end return 1"
+    padding = "x" * 4096  # few commands per read: Redis answers every few milliseconds
+
+    async def go() -> tuple[list[Any], float]:
+        loop = asyncio.get_running_loop()
+        await client.execute("PING")
+        started = loop.time()
+        answers = await asyncio.gather(
+            *(client.execute("EVAL", spin, 0, 150000, padding) for _ in range(800))
+        )
+        took = loop.time() - started
+        await client.aclose()
+        return answers, took
+
+    answers, took = asyncio.run(go())
+    assert answers == [1] * 800
+    assert took > 0.3  # the backlog outlasted one timeout: proof the test tests something

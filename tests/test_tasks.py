@@ -122,6 +122,7 @@ def test_the_app_is_configured_from_settings() -> None:
         assert options["visibility_timeout"] == 42
         assert options["unacked_restore_interval"] == 10.0  # min(10, 42 / 3)
         assert options["unacked_restore_throttle"] == 1
+        assert options["unacked_mutex_expire"] == 30  # a stale restore lock: 30 s, not 300
         for kind in COMMAND_MODELS:
             route = custom.amqp.router.route({}, task_name(kind))
             assert route["queue"].name == "nodes.eu"
