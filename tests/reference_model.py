@@ -345,6 +345,11 @@ class ReferenceModel:
                 run.reported.add(job_id)
                 self._changed = True
             return Outcome(ok=True, result="out-of-sync", session_tag=s.session_tag)
+        # README "Late ends": a job whose part of the run closed before it started (the
+        # out-of-sync rule's `aborted`) has no result to report for this run.
+        missed = job.own and job.status == COMPLETED and job.result == "aborted"
+        if missed and job.time_started == -1:
+            return Outcome(ok=True, result="out-of-sync", session_tag=s.session_tag)
         job.status, job.result, job.time_ended = COMPLETED, result, now
         job.own = True
         self._changed = True

@@ -371,6 +371,27 @@ def test_outside_hold_off_a_lower_tag_leaves_the_run_open_while_others_run(
     assert (doc["status"], doc["result"]) == ("completed", "fail")
 
 
+def test_a_job_that_missed_the_window_cannot_make_the_run_a_success(
+    started: Session, clock: Clock
+) -> None:
+    """The out-of-sync rule closed c's part of run 1 (aborted, never started): an end from
+    c for run 1 afterwards is out-of-sync and changes nothing, so run 1 cannot be reported
+    a success with a job that never ran in it."""
+    clock.advance(HOLD_OFF + 1)
+    started.start("c", 0)
+    started.start("b", 0)
+    version = started.version()
+    assert result_of(started.end("c", "success", tag=1)) == ("out-of-sync", 1)
+    assert result_of(started.end("b", "success")) == ("out-of-sync", 1)
+    assert started.version() == version
+    assert (started.job("c")["status"], started.job("c")["result"]) == ("completed", "aborted")
+    started.end("a", "success")
+    doc = started.doc()
+    assert (doc["status"], doc["result"]) == ("completed", "fail")
+    run = started.run(1)
+    assert run["jobs"]["c"]["result"] == "aborted" and run["jobs"]["c"]["time_started"] == -1
+
+
 def test_outside_hold_off_a_lower_tag_of_a_started_job_changes_nothing(
     started: Session, clock: Clock
 ) -> None:

@@ -6,7 +6,8 @@
 -- ARGV[12] result: success | fail | aborted
 --
 -- Returns the reply JSON: ok + result "success" (recorded in the current run) or
--- "out-of-sync" (a late end from an older run, recorded only in that run's history), or an
+-- "out-of-sync" (a late end from an older run, recorded only in that run's history; or an
+-- end from a job whose part of the current run closed before it started), or an
 -- error: not_found, bad_request (job not in the session, bad result, tag too high),
 -- idempotency_mismatch.
 
@@ -44,6 +45,12 @@ if current < tag then
                result = result})
     end
   end
+  return ok('out-of-sync', s)
+end
+
+-- A job whose part of this run was closed before it ever started (the out-of-sync rule's
+-- `aborted` for a job that missed the window) has no result to report for this run.
+if e.r == tag and e.s == 'completed' and e.x == 'aborted' and e.ts == -1 then
   return ok('out-of-sync', s)
 end
 
