@@ -346,7 +346,6 @@ class Shim:
         self._documents = store
         self._owned: list[RedisClient] = []
         self._hot: HotPath | None = None
-        self._hot_checked = False
         self.breaker = Breaker(settings)
 
     @property
@@ -364,14 +363,12 @@ class Shim:
         return self._store
 
     @property
-    def hot_path(self) -> HotPath | None:
+    def hot_path(self) -> HotPath:
         """Start and end on the event loop over an auto-pipelined connection to the hot-path
-        store's server (hot_path.py), or None where that does not apply (a Redis Cluster,
-        fakeredis): then the hot-path store serves them. Checks the breaker like `store`."""
+        store's server (hot_path.py), made on first use. Checks the breaker like `store`."""
         store = self.store
-        if not self._hot_checked:
+        if self._hot is None:
             self._hot = HotPath.like(store, store.client, self.settings)
-            self._hot_checked = True
         return self._hot
 
     @property
@@ -625,20 +622,13 @@ class Shim:
         }
         request.scope[_NOTE] = (name, None, None)  # a refused body is still a start / end
         remember = _remembered(request)
-        hot = self.hot_path
         cmd: StartCommand | EndCommand
         if name == "start":
             cmd = _validate(StartCommand, data, f"{name}.")
-            if hot is not None:
-                reply = await hot.start(cmd, remember=remember)
-            else:
-                reply = self.store.start(cmd, remember=remember)
+            reply = await self.hot_path.start(cmd, remember=remember)
         else:
             cmd = _validate(EndCommand, data, f"{name}.")
-            if hot is not None:
-                reply = await hot.end(cmd, remember=remember)
-            else:
-                reply = self.store.end(cmd, remember=remember)
+            reply = await self.hot_path.end(cmd, remember=remember)
         _noted(request, name, cmd, reply)
         return _json(202, {"result": reply.result, "session_tag": reply.session_tag})
 

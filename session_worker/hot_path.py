@@ -6,7 +6,8 @@ the same ``start.lua`` / ``end.lua`` the workers run, the reply is parsed by the
 and passes the Store's ``returned`` hook (run metrics), and a new run's deadline goes into
 the sweep's schedule as ``Store.start`` puts it there. A command with a request id may be
 sent again after a lost connection (its request record answers the repeat); one without is
-sent at most once.
+sent at most once. Where the pipelined client does not apply (a Redis Cluster, fakeredis),
+the same calls go to the blocking store.
 """
 
 from __future__ import annotations
@@ -23,27 +24,29 @@ HOT_SCRIPTS = ("start", "end")
 
 
 class HotPath:
-    """Async start and end over `store`'s layout and one PipelinedRedis per event loop."""
+    """Async start and end over `store`'s layout: on one PipelinedRedis per event loop, or
+    on `store` itself when `redis` is None."""
 
-    def __init__(self, store: Store, redis: PipelinedRedis) -> None:
+    def __init__(self, store: Store, redis: PipelinedRedis | None) -> None:
         self.store = store
         self.redis = redis
 
     @classmethod
-    def like(cls, store: Store, client: object, settings: Settings) -> HotPath | None:
+    def like(cls, store: Store, client: object, settings: Settings) -> HotPath:
         """A hot path for `store` on the server `client` talks to, with the shim's Redis
-        timeout; None where the pipelined client does not apply (a Redis Cluster, fakeredis:
-        the blocking store serves them)."""
+        timeout (pipelined where PipelinedRedis.like can stand in for `client`)."""
         redis = PipelinedRedis.like(
             client,
             timeout=settings.http_redis_timeout,
             connect_timeout=min(settings.redis_connect_timeout, settings.http_redis_timeout),
             scripts={name: lua_source(name) for name in HOT_SCRIPTS},
         )
-        return None if redis is None else cls(store, redis)
+        return cls(store, redis)
 
     async def start(self, cmd: StartCommand, *, remember: bool = True) -> Reply:
-        reply = await self._command("start", cmd, Store.start_args(cmd), remember)
+        if self.redis is None:
+            return self.store.start(cmd, remember=remember)
+        reply = await self._command(self.redis, "start", cmd, Store.start_args(cmd), remember)
         entry = self.store.deadline_entry(cmd.project_id, cmd.session_id, reply)
         if entry is not None:
             key, member, score = entry
@@ -51,20 +54,29 @@ class HotPath:
         return reply
 
     async def end(self, cmd: EndCommand, *, remember: bool = True) -> Reply:
-        return await self._command("end", cmd, Store.end_args(cmd), remember)
+        if self.redis is None:
+            return self.store.end(cmd, remember=remember)
+        return await self._command(self.redis, "end", cmd, Store.end_args(cmd), remember)
 
     async def _command(
-        self, kind: str, cmd: StartCommand | EndCommand, args: list[Any], remember: bool
+        self,
+        redis: PipelinedRedis,
+        kind: str,
+        cmd: StartCommand | EndCommand,
+        args: list[Any],
+        remember: bool,
     ) -> Reply:
         prepared = self.store.command_args(kind, cmd, cmd.session_id, args, remember=remember)
         if isinstance(prepared, Reply):
             return prepared
         keys, argv = prepared
-        raw = await self.redis.evalsha(kind, keys, argv, resend=remember)
+        raw = await redis.evalsha(kind, keys, argv, resend=remember)
         return Reply.model_validate_json(self.store.returned(raw))
 
     def close(self) -> None:
-        self.redis.close()
+        if self.redis is not None:
+            self.redis.close()
 
     async def aclose(self) -> None:
-        await self.redis.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()

@@ -278,7 +278,6 @@ class PipelinedRedis:
                 for command in self._hello:
                     answer = await conn.send(hiredis.pack_command(command))
                     if isinstance(answer, hiredis.ReplyError):
-                        conn.close(str(answer))
                         raise OSError(str(answer))
         except (OSError, TimeoutError, redis_errors.RedisError) as exc:
             if conn is not None:  # connected, but AUTH or SELECT failed or took too long
