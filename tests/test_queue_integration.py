@@ -731,15 +731,21 @@ MALFORMED_MESSAGES: dict[str, Callable[[str], bytes]] = {
 }
 
 
-@pytest.mark.faults  # scenario 6 of the fault-injection suite
-def test_malformed_messages_pushed_onto_the_queue_are_refused_and_the_worker_goes_on(
-    worker: StartWorker, client: SessionClient, store: Store
-) -> None:
+def _push_then_get_past(
+    worker: StartWorker,
+    client: SessionClient,
+    store: Store,
+    messages: dict[str, Callable[[str], bytes]],
+) -> str:
+    """Push `messages` straight onto the queue of a one-process worker, then a good start
+    behind them; check the worker got past every one (only the good start ran, the worker is
+    up, the queue empty, nothing left unacknowledged to come back after the visibility
+    timeout). Returns the worker's log."""
     w = worker(concurrency=1)
     make_session(store, "s", jobs=1)
     before = store.get(PROJECT, "s")
     queue = client.settings.queue
-    for make in MALFORMED_MESSAGES.values():
+    for make in messages.values():
         store.client.lpush(queue, make(queue))
 
     _answered(w, client, store)  # queued behind all of them: the worker got past each one
@@ -750,18 +756,25 @@ def test_malformed_messages_pushed_onto_the_queue_are_refused_and_the_worker_goe
     assert store.client.llen(queue) == 0
     log = w.log()
     assert "Unrecoverable error" not in log, log
-    # The transport refuses the two envelopes and the body that is no task ...
-    assert log.count("refused a malformed message on the queue") == 3, log
-    # ... Celery the body that is not JSON and the disallowed content type.
-    assert log.count("Can't decode message body") == 1, log
-    assert "Refusing to deserialize untrusted content of type application/x-evil" in log, log
-    # Nothing is left taken but unacknowledged, to come back after the visibility timeout.
     # (The good start is acknowledged just after its reply: wait for that.)
     deadline = time.monotonic() + 5
     while store.client.hlen("unacked") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert store.client.hlen("unacked") == 0
     assert store.client.zcard("unacked_index") == 0
+    return log
+
+
+@pytest.mark.faults  # scenario 6 of the fault-injection suite
+def test_malformed_messages_pushed_onto_the_queue_are_refused_and_the_worker_goes_on(
+    worker: StartWorker, client: SessionClient, store: Store
+) -> None:
+    log = _push_then_get_past(worker, client, store, MALFORMED_MESSAGES)
+    # The transport refuses the two envelopes and the body that is no task ...
+    assert log.count("refused a malformed message on the queue") == 3, log
+    # ... Celery the body that is not JSON and the disallowed content type.
+    assert log.count("Can't decode message body") == 1, log
+    assert "Refusing to deserialize untrusted content of type application/x-evil" in log, log
 
 
 @pytest.mark.faults  # scenario 6 of the fault-injection suite
@@ -854,30 +867,12 @@ def test_hostile_headers_and_nesting_are_refused_and_the_worker_goes_on(
 ) -> None:
     """What Celery would read in the worker's main loop and die on (or stall on) is refused
     by the transport first: nothing applied, nothing answered, the worker consumes on."""
-    w = worker(concurrency=1)
-    make_session(store, "s", jobs=1)
-    before = store.get(PROJECT, "s")
-    queue = client.settings.queue
-    for make in HOSTILE_MESSAGES.values():
-        store.client.lpush(queue, make(queue))
-
-    _answered(w, client, store)  # queued behind them all: the worker got past each one
-    after = store.get(PROJECT, "s")
-    assert before is not None and after is not None
-    assert (before["session_tag"], after["session_tag"]) == (0, 1)  # only the good start ran
-    assert w.proc.poll() is None, w.log()
-    log = w.log()
-    assert "Unrecoverable error" not in log, log
+    log = _push_then_get_past(worker, client, store, HOSTILE_MESSAGES)
     refused = log.count("refused a message this service does not run") + log.count(
         "refused a malformed message on the queue"
     )
     assert refused == len(HOSTILE_MESSAGES), log
     assert store.client.keys("*reply*") == []
-    assert store.client.llen(queue) == 0
-    deadline = time.monotonic() + 5
-    while store.client.hlen("unacked") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert store.client.hlen("unacked") == 0
 
 
 def test_a_command_without_a_usable_reply_key_is_dropped_and_logged(
